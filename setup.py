@@ -1,0 +1,24 @@
+"""Installs the trainer and launch packages: `pip install -e '.[test]'`."""
+
+import setuptools
+
+setuptools.setup(
+    name="cifar-trainer",
+    version="0.1.0",
+    description="Distributed, accelerated image-classifier training job (Keras 3 + tf.distribute + TFDS).",
+    packages=setuptools.find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<3.16",
+        "tensorflow-datasets==4.9.10",
+        "importlib_resources",  # tensorflow-datasets 4.9.10 imports it without declaring it.
+        "absl-py",
+        "tensorboard",
+        "google-cloud-storage",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+    },
+)

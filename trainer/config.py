@@ -1,0 +1,242 @@
+"""Command-line flags, and the validated run configuration built from them."""
+
+import dataclasses
+import datetime
+import os
+import sys
+
+from absl import flags
+
+from trainer.errors import UsageError
+
+MODELS = ("cnn", "resnet50")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+EARLY_STOPPING_MONITORS = ("eval_accuracy", "eval_loss")
+
+# Side length each model sees when --image_size is not given; None keeps the dataset's own.
+DEFAULT_IMAGE_SIZE = {"cnn": None, "resnet50": 224}
+
+FLAGS = flags.FLAGS
+
+# Model.
+flags.DEFINE_enum("model", "cnn", MODELS, "Network to train.")
+flags.DEFINE_string(
+    "weights", None,
+    "Initial backbone weights: 'imagenet' (default for resnet50), 'none', or the path of a "
+    "weights file (for resnet50 the Keras no-top ResNet50 .h5; for other models a full "
+    "model .weights.h5).")
+flags.DEFINE_integer(
+    "image_size", None,
+    "Side length the network sees; images are resized on the accelerator, inside the model. "
+    "Default: 224 for resnet50, the dataset's own size otherwise.")
+flags.DEFINE_float("dropout", 0.5, "Dropout rate before the cnn's output layer.")
+
+# Data.
+flags.DEFINE_string("dataset", "cifar10", "TFDS image-classification dataset with 'image' and 'label'.")
+flags.DEFINE_string(
+    "data_dir", None, "TFDS data directory. Default: TFDS's own, or $TFDS_DATA_DIR when set.")
+flags.DEFINE_string("train_split", "train", "TFDS split to train on; slicing such as 'train[:2000]' works.")
+flags.DEFINE_string("eval_split", "test", "TFDS split evaluated after every epoch and at the end.")
+
+# Hardware.
+flags.DEFINE_enum(
+    "strategy", "auto", STRATEGIES,
+    "tf.distribute strategy. auto: TPU if one is configured (--tpu or $TPU_NAME), mirrored on "
+    "several GPUs, one_device on one GPU, default on CPU.")
+flags.DEFINE_string("tpu", None, "TPU name or grpc:// address; 'local' on a TPU VM. Default: $TPU_NAME.")
+flags.DEFINE_list(
+    "devices", None,
+    "Devices for one_device (one) or mirrored (several), e.g. /gpu:0,/gpu:1. Default: all GPUs, "
+    "else the CPU.")
+flags.DEFINE_integer(
+    "cpu_devices", 0,
+    "Split the host CPU into this many logical devices, so mirrored can be tried without "
+    "GPUs. 0 leaves the CPU whole.")
+flags.DEFINE_enum(
+    "precision", "auto", PRECISIONS,
+    "Keras dtype policy. auto: mixed_float16 with loss scaling on GPU, mixed_bfloat16 on TPU, "
+    "float32 on CPU. Logits and loss are float32 in every case.")
+flags.DEFINE_bool(
+    "jit_compile", None,
+    "Compile the training and evaluation steps with XLA. Default: on for GPU, off for CPU (XLA's CPU "
+    "convolutions measured 2x slower here); TPUs always compile.")
+
+# Optimisation.
+flags.DEFINE_integer("batch_size", 128, "Global batch size, split evenly over all replicas.")
+flags.DEFINE_integer("epochs", 10, "Training epochs (for resnet50: epochs of the frozen-backbone phase).")
+flags.DEFINE_enum("optimizer", "adam", OPTIMIZERS, "Optimizer. adamw and sgd use --weight_decay.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+flags.DEFINE_float("momentum", 0.9, "Momentum for sgd (Nesterov).")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay for adamw and sgd.")
+flags.DEFINE_enum(
+    "lr_schedule", "constant", LR_SCHEDULES,
+    "Learning-rate schedule after warmup: constant, or cosine decay to zero.")
+flags.DEFINE_float("warmup_epochs", 0.0, "Linear learning-rate warmup from zero, in epochs.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+flags.DEFINE_integer(
+    "early_stopping_patience", 5,
+    "Stop a phase after this many epochs without improvement of --early_stopping_monitor, and "
+    "finish with the best weights. 0 turns early stopping off.")
+flags.DEFINE_enum(
+    "early_stopping_monitor", "eval_accuracy", EARLY_STOPPING_MONITORS,
+    "Metric that early stopping and best-weight selection watch.")
+
+# Fine-tuning (resnet50).
+flags.DEFINE_integer(
+    "fine_tune_epochs", 0,
+    "resnet50 only: epochs of a second phase that unfreezes the top --fine_tune_stages stages of "
+    "the backbone. BatchNorm stays in inference mode.")
+flags.DEFINE_float(
+    "fine_tune_learning_rate", None, "Peak learning rate of the fine-tuning phase. Default: --learning_rate / 10.")
+flags.DEFINE_integer(
+    "fine_tune_stages", 2,
+    "How many of ResNet50's five stages, counted from the top, the fine-tuning phase unfreezes "
+    "(5 unfreezes everything).")
+
+# Augmentation, applied on the accelerator.
+flags.DEFINE_bool("random_flip", True, "Random horizontal flips.")
+flags.DEFINE_float("brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
+flags.DEFINE_integer("translate", 0, "Random translation of up to this many pixels (reflect padding); 0 turns it off.")
+
+# Loop, checkpoints and outputs.
+flags.DEFINE_string(
+    "model_dir", None,
+    "Where checkpoints, logs, the export and metrics go. Default: $AIP_MODEL_DIR when set "
+    "(Vertex AI), else a fresh timestamped directory under ./runs.")
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on training steps per epoch, for smoke runs.")
+flags.DEFINE_integer(
+    "steps_per_loop", 50, "Training steps per tf.function call; progress and NaN checks happen between calls.")
+flags.DEFINE_integer(
+    "checkpoint_steps", 0,
+    "Also checkpoint every this many steps (rounded up to a whole loop); 0 checkpoints once per epoch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs, validated; built from flags by `config_from_flags`."""
+
+    model: str = "cnn"
+    weights: str = "none"
+    image_size: int | None = None
+    dropout: float = 0.5
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    strategy: str = "auto"
+    tpu: str | None = None
+    devices: tuple[str, ...] = ()
+    cpu_devices: int = 0
+    precision: str = "auto"
+    jit_compile: bool | None = None
+    batch_size: int = 128
+    epochs: int = 10
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    early_stopping_patience: int = 5
+    early_stopping_monitor: str = "eval_accuracy"
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float | None = None
+    fine_tune_stages: int = 2
+    random_flip: bool = True
+    brightness: float = 0.2
+    translate: int = 0
+    model_dir: str = ""
+    steps_per_epoch: int | None = None
+    steps_per_loop: int = 50
+    checkpoint_steps: int = 0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.fine_tune_epochs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_from_flags(flag_values=FLAGS) -> Config:
+    """Builds a Config from parsed flags, filling model-dependent defaults."""
+    names = {field.name for field in dataclasses.fields(Config)}
+    values = {name: flag_values[name].value for name in names}
+    values["devices"] = tuple(values["devices"] or ())
+    values["tpu"] = values["tpu"] or os.environ.get("TPU_NAME") or None
+    if values["weights"] is None:
+        values["weights"] = "imagenet" if values["model"] == "resnet50" else "none"
+    if values["image_size"] is None:
+        values["image_size"] = DEFAULT_IMAGE_SIZE[values["model"]]
+    if values["fine_tune_learning_rate"] is None:
+        values["fine_tune_learning_rate"] = values["learning_rate"] / 10
+    if not values["model_dir"]:
+        values["model_dir"] = default_model_dir(values["model"])
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def default_model_dir(model: str) -> str:
+    """Vertex AI's output directory when it set one, else a new timestamped local directory."""
+    if os.environ.get("AIP_MODEL_DIR"):
+        return os.environ["AIP_MODEL_DIR"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{model}-{stamp}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def validate(config: Config) -> None:
+    """Rejects values no run could use, naming the flag and what is allowed."""
+    _require(config.model in MODELS, f"--model={config.model} is unknown; choose one of {', '.join(MODELS)}.")
+    _require(config.batch_size > 0, f"--batch_size={config.batch_size} must be a positive integer.")
+    _require(config.epochs >= 0, f"--epochs={config.epochs} must be zero or more.")
+    _require(config.fine_tune_epochs >= 0, f"--fine_tune_epochs={config.fine_tune_epochs} must be zero or more.")
+    _require(config.learning_rate > 0, f"--learning_rate={config.learning_rate} must be positive.")
+    _require(config.fine_tune_learning_rate > 0,
+             f"--fine_tune_learning_rate={config.fine_tune_learning_rate} must be positive.")
+    _require(config.steps_per_loop > 0, f"--steps_per_loop={config.steps_per_loop} must be at least 1.")
+    _require(config.steps_per_epoch is None or config.steps_per_epoch > 0,
+             f"--steps_per_epoch={config.steps_per_epoch} must be at least 1 (leave it out for whole epochs).")
+    _require(config.checkpoint_steps >= 0, f"--checkpoint_steps={config.checkpoint_steps} must be zero or more.")
+    _require(config.cpu_devices >= 0, f"--cpu_devices={config.cpu_devices} must be zero or more.")
+    _require(config.early_stopping_patience >= 0,
+             f"--early_stopping_patience={config.early_stopping_patience} must be zero (off) or more.")
+    _require(0 <= config.dropout < 1, f"--dropout={config.dropout} must be in [0, 1).")
+    _require(0 <= config.brightness <= 1, f"--brightness={config.brightness} must be in [0, 1].")
+    _require(config.translate >= 0, f"--translate={config.translate} must be zero or more pixels.")
+    _require(config.warmup_epochs >= 0, f"--warmup_epochs={config.warmup_epochs} must be zero or more.")
+    _require(config.weight_decay >= 0, f"--weight_decay={config.weight_decay} must be zero or more.")
+    _require(1 <= config.fine_tune_stages <= 5, f"--fine_tune_stages={config.fine_tune_stages} must be 1 to 5.")
+    _require(config.image_size is None or config.image_size >= 32,
+             f"--image_size={config.image_size} must be at least 32.")
+    _require(config.fine_tune_epochs == 0 or config.model == "resnet50",
+             f"--fine_tune_epochs applies to --model=resnet50 only, not --model={config.model}.")
+    _validate_weights(config)
+
+
+def _validate_weights(config: Config) -> None:
+    if config.weights in ("none", "imagenet"):
+        _require(config.weights == "none" or config.model == "resnet50",
+                 f"--weights=imagenet: --model={config.model} has no ImageNet weights; use --weights=none "
+                 "or a weights file.")
+        return
+    _require(os.path.isfile(config.weights),
+             f"--weights={config.weights}: no such file; give 'imagenet', 'none' or the path of a weights file.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flags parser that reports a bad flag in one line and exits 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

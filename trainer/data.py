@@ -1,0 +1,178 @@
+"""TFDS image-classification data: decoded once, cached as uint8, sharded and batched per replica."""
+
+import dataclasses
+import os
+import socket
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from trainer.errors import UsageError
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Labels of the examples that pad the evaluation set to whole global batches; they carry no weight.
+PADDING_LABEL = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the job needs to know about the data."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    num_train_examples: int
+    num_eval_examples: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for `name`, downloading it when missing and possible."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=True)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise UsageError(f"--dataset={name} is not a TFDS dataset; see `tfds.list_builders()` "
+                         "for the names (e.g. cifar10, cifar100).") from error
+    if not builder.is_prepared():
+        _download_and_prepare(builder, name)
+    _check_features(builder, name)
+    return builder
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str) -> None:
+    where = os.path.dirname(os.path.dirname(builder.data_dir))
+    advice = (f"point --data_dir (or TFDS_DATA_DIR) at a directory that holds a prepared copy "
+              f"({name}/<version>/ as TFDS writes it)")
+    # TFDS retries an unreachable host for minutes; without DNS the answer is known at once.
+    if not _proxy_configured() and not _resolves("storage.googleapis.com"):
+        raise UsageError(f"--dataset={name} is not in {where} and this machine cannot reach the internet "
+                         f"to download it; {advice}.")
+    logging.info("Downloading and preparing %s into %s.", name, where)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # TFDS surfaces network failures as many exception types.
+        raise UsageError(f"--dataset={name} is not in {where} and downloading it failed "
+                         f"({type(error).__name__}); {advice}.") from error
+
+
+def _proxy_configured() -> bool:
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _check_features(builder: tfds.core.DatasetBuilder, name: str) -> None:
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UsageError(f"--dataset={name} has no 'image' and 'label' features; pick an image-classification "
+                         "dataset.")
+    shape = features["image"].shape
+    if None in shape:
+        raise UsageError(f"--dataset={name} has images of varying size {shape}; this job needs fixed-size images.")
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split: str, flag: str) -> int:
+    """Examples in a (possibly sliced) split; an unknown split is a usage error naming the flag."""
+    try:
+        count = builder.info.splits[split].num_examples
+    except (ValueError, KeyError, AssertionError) as error:
+        valid = ", ".join(builder.info.splits.keys())
+        raise UsageError(f"{flag}={split} is not a split of {builder.info.name}: {error}. "
+                         f"Splits: {valid}; slices such as 'train[:2000]' also work.") from error
+    if count == 0:
+        raise UsageError(f"{flag}={split} holds no examples.")
+    return count
+
+
+def dataset_info(builder: tfds.core.DatasetBuilder, train_split: str, eval_split: str) -> DatasetInfo:
+    features = builder.info.features
+    return DatasetInfo(
+        name=builder.info.name,
+        class_names=tuple(features["label"].names),
+        image_shape=tuple(features["image"].shape),
+        num_train_examples=num_examples(builder, train_split, "--train_split"),
+        num_eval_examples=num_examples(builder, eval_split, "--eval_split"))
+
+
+def decoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+    """(uint8 image, int32 label) pairs in a fixed order, decoded once and cached in memory."""
+    examples = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
+        read_config=tfds.ReadConfig(try_autocache=False))
+    examples = examples.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)),
+                            num_parallel_calls=AUTOTUNE, deterministic=True)
+    return examples.cache()
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    # Each pipeline shards explicitly (see training_batches), so tf.data must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = True
+    return options
+
+
+def training_batches(examples: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
+                     global_batch_size: int, steps_per_epoch: int, start_epoch: int, end_epoch: int,
+                     start_step: int, seed: int) -> tf.data.Dataset:
+    """Per-replica training batches of one input pipeline, from (start_epoch, start_step) to end_epoch.
+
+    Every pipeline shuffles the whole split with the same per-epoch seed and keeps every N-th
+    example, so the pipelines read disjoint parts of each epoch, and the examples that form a global
+    batch do not depend on the number of workers or replicas. A restarted job regenerates the same
+    order and skips the steps it already trained.
+    """
+    per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+    replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    batches_per_epoch = steps_per_epoch * replicas_per_pipeline
+
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        # Python-int seeds: tf.data rejects tensor seeds when the global seed is 0.
+        return (examples.shuffle(num_examples, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+                .shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+                .batch(per_replica, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+                .take(batches_per_epoch))
+
+    batches = one_epoch(start_epoch).skip(start_step * replicas_per_pipeline)
+    for epoch in range(start_epoch + 1, end_epoch):
+        batches = batches.concatenate(one_epoch(epoch))
+    return batches.prefetch(AUTOTUNE).with_options(_options())
+
+
+def evaluation_batches(examples: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
+                       global_batch_size: int, image_shape: tuple[int, int, int]) -> tf.data.Dataset:
+    """Per-replica evaluation batches covering the split once, padded to whole global batches.
+
+    Padding examples have label PADDING_LABEL and must be given zero weight. With equal, full
+    batches on every replica, all workers run the same number of steps and shapes stay static.
+    """
+    per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+    padding = -num_examples % global_batch_size
+    filler = tf.data.Dataset.from_tensors((tf.zeros(image_shape, tf.uint8), tf.constant(PADDING_LABEL, tf.int32)))
+    padded = examples.concatenate(filler.repeat(padding))
+    return (padded.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            .batch(per_replica, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+            .prefetch(AUTOTUNE).with_options(_options()))
+
+
+def evaluation_steps(num_examples: int, global_batch_size: int) -> int:
+    return -(-num_examples // global_batch_size)
+
+
+def training_steps_per_epoch(num_examples: int, global_batch_size: int, cap: int | None) -> int:
+    steps = num_examples // global_batch_size
+    if steps == 0:
+        raise UsageError(f"--batch_size={global_batch_size} is larger than the {num_examples} training examples; "
+                         "use a smaller batch or a larger --train_split.")
+    return min(steps, cap) if cap else steps

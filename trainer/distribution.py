@@ -1,0 +1,142 @@
+"""Choosing and building the tf.distribute strategy and the mixed-precision policy for the hardware."""
+
+import json
+import os
+
+from absl import logging
+import tensorflow as tf
+
+from trainer.config import Config
+from trainer.errors import UsageError
+from trainer.errors import one_line
+
+
+def configure_host_devices(cpu_devices: int) -> None:
+    """Splits the CPU into logical devices; must run before TensorFlow touches a device."""
+    if cpu_devices < 2:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) == cpu_devices:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_devices)])
+    except RuntimeError as error:
+        raise UsageError(f"--cpu_devices={cpu_devices}: TensorFlow was already initialised ({error}).") from error
+
+
+def resolve_strategy_name(config: Config) -> str:
+    """The concrete strategy `--strategy=auto` stands for on this machine."""
+    if config.strategy != "auto":
+        return config.strategy
+    if config.tpu:
+        return "tpu"
+    if _cluster_has_several_tasks():
+        return "multi_worker_mirrored"
+    num_gpus = len(tf.config.list_physical_devices("GPU"))
+    if num_gpus > 1 or (num_gpus == 0 and config.cpu_devices > 1):
+        return "mirrored"
+    if num_gpus == 1:
+        return "one_device"
+    return "default"
+
+
+def _cluster_has_several_tasks() -> bool:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return False
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except ValueError:
+        return False
+    return sum(len(tasks) for tasks in cluster.values()) > 1
+
+
+def create_strategy(config: Config) -> tf.distribute.Strategy:
+    """Builds the strategy named by --strategy, checking that its devices exist."""
+    name = resolve_strategy_name(config)
+    if name == "tpu":
+        strategy = _tpu_strategy(config.tpu)
+    elif name == "multi_worker_mirrored":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(devices=_checked_devices(config.devices) or None)
+    elif name == "one_device":
+        devices = _checked_devices(config.devices) or [_default_device()]
+        if len(devices) != 1:
+            raise UsageError(f"--strategy=one_device takes exactly one device, not --devices={','.join(devices)}.")
+        strategy = tf.distribute.OneDeviceStrategy(devices[0])
+    else:
+        if config.devices:
+            raise UsageError("--devices applies to --strategy=one_device or mirrored only.")
+        strategy = tf.distribute.get_strategy()
+    logging.info("Strategy %s (%s) with %d replica(s).", name, type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _default_device() -> str:
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
+
+
+def _checked_devices(requested: tuple[str, ...]) -> list[str]:
+    """Canonical names of the requested devices; an unknown one is a usage error."""
+    available = {(device.device_type, tf.DeviceSpec.from_string(device.name).device_index): device.name
+                 for device in tf.config.list_logical_devices()}
+    names = []
+    for text in requested:
+        try:
+            spec = tf.DeviceSpec.from_string(text if text.startswith("/") else "/device:" + text)
+        except ValueError:
+            spec = None
+        key = spec and ((spec.device_type or "").upper(), spec.device_index or 0)
+        if key not in available:
+            valid = ", ".join(sorted(available.values()))
+            raise UsageError(f"--devices: {text} does not exist on this machine; available: {valid}.")
+        names.append(available[key])
+    return names
+
+
+def _tpu_strategy(tpu: str | None) -> tf.distribute.TPUStrategy:
+    if not tpu:
+        raise UsageError("--strategy=tpu needs a TPU: give --tpu=NAME (or 'local' on a TPU VM), or set TPU_NAME.")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as error:  # The TPU client raises URL, gRPC, runtime and op errors alike.
+        raise UsageError(
+            f"--strategy=tpu: cannot reach TPU '{tpu}' ({one_line(error, 160)}). On a TPU VM use --tpu=local; "
+            "elsewhere pick another --strategy.") from error
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def resolve_precision(config: Config, strategy: tf.distribute.Strategy) -> str:
+    """The Keras dtype policy for --precision; auto follows the accelerator."""
+    if config.precision != "auto":
+        return config.precision
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    return "float32"
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's shared outputs (only one worker may)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().jobs or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0
+                                    and "chief" not in resolver.cluster_spec().jobs)
+
+
+def resolve_jit_compile(requested: bool | None, strategy: tf.distribute.Strategy) -> bool | None:
+    """XLA on GPU unless turned off; off on CPU unless asked for; TPUs compile regardless (None)."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return None
+    if requested is not None:
+        return requested
+    return bool(tf.config.list_logical_devices("GPU"))

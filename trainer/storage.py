@@ -1,0 +1,95 @@
+"""The run directory: its layout, safe writes, and checks before a run writes anything."""
+
+import dataclasses
+import json
+import os
+import tempfile
+
+from trainer.config import Config
+from trainer.errors import UsageError
+
+# Flags that may change between a run and its resumption: they move or speed up the same
+# computation. Any other difference would silently change what the checkpoint is resumed into.
+RESUMABLE_CHANGES = frozenset({
+    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "steps_per_loop", "checkpoint_steps",
+    "data_dir", "model_dir", "epochs", "fine_tune_epochs", "early_stopping_patience", "eval_split",
+})
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where each output of a run goes."""
+
+    model_dir: str
+    checkpoint_dir: str
+    log_dir: str
+    export_dir: str
+
+    @classmethod
+    def under(cls, model_dir: str) -> "RunPaths":
+        return cls(model_dir=model_dir, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+                   log_dir=os.path.join(model_dir, "logs"), export_dir=os.path.join(model_dir, "export"))
+
+    @property
+    def metrics_file(self) -> str:
+        return os.path.join(self.model_dir, "metrics.json")
+
+    @property
+    def history_plot(self) -> str:
+        return os.path.join(self.model_dir, "history.png")
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join(self.model_dir, CONFIG_FILE)
+
+
+def prepare_model_dir(paths: RunPaths, config: Config, write: bool) -> None:
+    """Checks that the run directory is writable and, when resuming, that the flags still match."""
+    try:
+        for directory in (paths.model_dir, paths.checkpoint_dir, paths.log_dir):
+            os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=paths.model_dir, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--model_dir={paths.model_dir} is not writable ({error.strerror}); "
+                         "give a directory you can write to.") from error
+    previous = read_json(paths.config_file)
+    if previous is not None:
+        check_resumable(previous, config, paths.model_dir)
+    elif write:
+        write_json(paths.config_file, config.to_dict())
+
+
+def check_resumable(previous: dict, config: Config, model_dir: str) -> None:
+    current = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the file.
+    changed = [f"--{name}={previous.get(name)!r} before, {value!r} now" for name, value in current.items()
+               if name not in RESUMABLE_CHANGES and previous.get(name) != value]
+    if changed:
+        raise UsageError(f"--model_dir={model_dir} holds a run started with other flags ({'; '.join(changed)}); "
+                         "rerun with the same flags to resume it, or give a new --model_dir.")
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return None
+
+
+def write_json(path: str, payload) -> None:
+    """Writes JSON atomically, so a crash never leaves half a file behind."""
+    directory = os.path.dirname(path) or "."
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as file:
+        json.dump(payload, file, indent=2, sort_keys=True)
+        file.write("\n")
+    publish(file.name, path)
+
+
+def publish(temporary_path: str, path: str) -> None:
+    """Moves a finished temporary file into place with the usual permissions (temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary_path, 0o666 & ~umask)
+    os.replace(temporary_path, path)
