@@ -9,7 +9,6 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from trainer import distribution  # noqa: E402
 
@@ -106,3 +105,13 @@ def tiny_shapes_dir(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("tfds"))
     _define_tiny_shapes()(data_dir=directory).download_and_prepare()
     return directory
+
+
+def make_config(data_dir: str, model_dir, **overrides):
+    """A validated Config for a run of a few seconds on real CIFAR-10 slices."""
+    from trainer import config as config_lib
+
+    values = dict(data_dir=data_dir, model_dir=str(model_dir), train_split="train[:1024]", eval_split="test[:256]",
+                  batch_size=64, epochs=1, early_stopping_patience=0, steps_per_loop=8)
+    values.update(overrides)
+    return config_lib.build_config(**values)

@@ -98,7 +98,8 @@ flags.DEFINE_integer(
 
 # Augmentation, applied on the accelerator.
 flags.DEFINE_bool("random_flip", True, "Random horizontal flips.")
-flags.DEFINE_float("brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
+flags.DEFINE_float(
+    "brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
 flags.DEFINE_integer("translate", 0, "Random translation of up to this many pixels (reflect padding); 0 turns it off.")
 
 # Loop, checkpoints and outputs.
@@ -116,43 +117,43 @@ flags.DEFINE_integer(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs, validated; built from flags by `config_from_flags`."""
+    """Everything a run needs, validated; made by `build_config` or `config_from_flags`."""
 
-    model: str = "cnn"
-    weights: str = "none"
-    image_size: int | None = None
-    dropout: float = 0.5
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    strategy: str = "auto"
-    tpu: str | None = None
-    devices: tuple[str, ...] = ()
-    cpu_devices: int = 0
-    precision: str = "auto"
-    jit_compile: bool | None = None
-    batch_size: int = 128
-    epochs: int = 10
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    early_stopping_patience: int = 5
-    early_stopping_monitor: str = "eval_accuracy"
-    fine_tune_epochs: int = 0
-    fine_tune_learning_rate: float | None = None
-    fine_tune_stages: int = 2
-    random_flip: bool = True
-    brightness: float = 0.2
-    translate: int = 0
-    model_dir: str = ""
-    steps_per_epoch: int | None = None
-    steps_per_loop: int = 50
-    checkpoint_steps: int = 0
+    model: str
+    weights: str
+    image_size: int | None
+    dropout: float
+    dataset: str
+    data_dir: str | None
+    train_split: str
+    eval_split: str
+    strategy: str
+    tpu: str | None
+    devices: tuple[str, ...]
+    cpu_devices: int
+    precision: str
+    jit_compile: bool | None
+    batch_size: int
+    epochs: int
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    lr_schedule: str
+    warmup_epochs: float
+    seed: int
+    early_stopping_patience: int
+    early_stopping_monitor: str
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+    fine_tune_stages: int
+    random_flip: bool
+    brightness: float
+    translate: int
+    model_dir: str
+    steps_per_epoch: int | None
+    steps_per_loop: int
+    checkpoint_steps: int
 
     @property
     def total_epochs(self) -> int:
@@ -162,23 +163,32 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def config_from_flags(flag_values=FLAGS) -> Config:
-    """Builds a Config from parsed flags, filling model-dependent defaults."""
-    names = {field.name for field in dataclasses.fields(Config)}
-    values = {name: flag_values[name].value for name in names}
-    values["devices"] = tuple(values["devices"] or ())
-    values["tpu"] = values["tpu"] or os.environ.get("TPU_NAME") or None
-    if values["weights"] is None:
-        values["weights"] = "imagenet" if values["model"] == "resnet50" else "none"
-    if values["image_size"] is None:
-        values["image_size"] = DEFAULT_IMAGE_SIZE[values["model"]]
-    if values["fine_tune_learning_rate"] is None:
-        values["fine_tune_learning_rate"] = values["learning_rate"] / 10
-    if not values["model_dir"]:
-        values["model_dir"] = default_model_dir(values["model"])
-    config = Config(**values)
+def build_config(**values) -> Config:
+    """The flags' defaults overridden by `values`, with model-dependent defaults filled in; validated."""
+    names = [field.name for field in dataclasses.fields(Config)]
+    unknown = set(values) - set(names)
+    if unknown:
+        raise TypeError(f"Unknown config fields: {sorted(unknown)}")
+    merged = {name: FLAGS[name].default for name in names}
+    merged.update(values)
+    merged["devices"] = tuple(merged["devices"] or ())
+    merged["tpu"] = merged["tpu"] or os.environ.get("TPU_NAME") or None
+    if merged["weights"] is None:
+        merged["weights"] = "imagenet" if merged["model"] == "resnet50" else "none"
+    if merged["image_size"] is None:
+        merged["image_size"] = DEFAULT_IMAGE_SIZE.get(merged["model"])
+    if merged["fine_tune_learning_rate"] is None:
+        merged["fine_tune_learning_rate"] = merged["learning_rate"] / 10
+    if not merged["model_dir"]:
+        merged["model_dir"] = default_model_dir(merged["model"])
+    config = Config(**merged)
     validate(config)
     return config
+
+
+def config_from_flags(flag_values=FLAGS) -> Config:
+    """The run configuration the parsed command line asks for."""
+    return build_config(**{field.name: flag_values[field.name].value for field in dataclasses.fields(Config)})
 
 
 def default_model_dir(model: str) -> str:
@@ -233,10 +243,18 @@ def _validate_weights(config: Config) -> None:
              f"--weights={config.weights}: no such file; give 'imagenet', 'none' or the path of a weights file.")
 
 
+HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-?", "-h")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flags parser that reports a bad flag in one line and exits 2."""
+    """absl flags parser that reports a bad flag in one line and exits 2, and exits 0 after --help."""
     try:
         return FLAGS(argv)
     except flags.Error as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as exit_request:
+        # absl exits 1 after printing help; asking for help is not a failure.
+        if exit_request.code == 1 and any(argument.split("=")[0] in HELP_FLAGS for argument in argv[1:]):
+            sys.exit(0)
+        raise

@@ -44,8 +44,8 @@ class RunPaths:
         return os.path.join(self.model_dir, CONFIG_FILE)
 
 
-def prepare_model_dir(paths: RunPaths, config: Config, write: bool) -> None:
-    """Checks that the run directory is writable and, when resuming, that the flags still match."""
+def prepare_model_dir(paths: RunPaths) -> None:
+    """Creates the run directory, or says in one line why it cannot be written."""
     try:
         for directory in (paths.model_dir, paths.checkpoint_dir, paths.log_dir):
             os.makedirs(directory, exist_ok=True)
@@ -54,11 +54,24 @@ def prepare_model_dir(paths: RunPaths, config: Config, write: bool) -> None:
     except OSError as error:
         raise UsageError(f"--model_dir={paths.model_dir} is not writable ({error.strerror}); "
                          "give a directory you can write to.") from error
+
+
+def check_resume(paths: RunPaths, config: Config) -> bool:
+    """Whether the run resumes a checkpoint; refuses to resume one under different flags.
+
+    config.json is written only once the run has started, so a run that failed before its
+    first checkpoint never blocks the corrected command.
+    """
+    if not has_checkpoint(paths):
+        return False
     previous = read_json(paths.config_file)
     if previous is not None:
         check_resumable(previous, config, paths.model_dir)
-    elif write:
-        write_json(paths.config_file, config.to_dict())
+    return True
+
+
+def has_checkpoint(paths: RunPaths) -> bool:
+    return os.path.exists(os.path.join(paths.checkpoint_dir, "checkpoint"))
 
 
 def check_resumable(previous: dict, config: Config, model_dir: str) -> None:

@@ -1,0 +1,119 @@
+"""The training loop: strategies agree, precision, resumption, NaN handling, early stopping."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, make_config, read_metrics, run_task
+from trainer import train
+from trainer.errors import TrainingError
+
+
+def model_variables(model_dir, step: int | None = None) -> dict:
+    """The model's variables in the run's latest checkpoint (or the one of `step`), by name."""
+    checkpoint_dir = os.path.join(model_dir, "checkpoints")
+    path = os.path.join(checkpoint_dir, f"ckpt-{step}") if step else tf.train.latest_checkpoint(checkpoint_dir)
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
+            if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
+
+
+def checkpoint_step(model_dir) -> int:
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    return int(path.rsplit("-", 1)[1])
+
+
+def test_mirrored_over_two_devices_matches_the_default_strategy(cifar_dir, tmp_path):
+    # No dropout or augmentation: their random draws are per replica, so they differ by design.
+    # Plain SGD keeps float rounding differences from being amplified as Adam does near zero gradients.
+    common = dict(dropout=0.0, random_flip=False, brightness=0.0, steps_per_epoch=6, epochs=2, seed=3,
+                  optimizer="sgd", learning_rate=0.05)
+    default_metrics = train.run(make_config(cifar_dir, tmp_path / "default", strategy="default", **common))
+    metrics = train.run(make_config(cifar_dir, tmp_path / "mirrored", strategy="mirrored", cpu_devices=2, **common))
+    assert metrics["num_replicas"] == 2 and default_metrics["num_replicas"] == 1
+    default, mirrored = model_variables(tmp_path / "default"), model_variables(tmp_path / "mirrored")
+    after_one_epoch = model_variables(tmp_path / "default", step=6)
+    assert default.keys() == mirrored.keys() and len(default) >= 8
+    for name in default:
+        difference = np.abs(mirrored[name] - default[name]).max()
+        moved = np.abs(default[name] - after_one_epoch[name]).max()
+        assert moved > 100 * difference, (name, difference, moved)
+    assert metrics["test_accuracy"] == pytest.approx(default_metrics["test_accuracy"], abs=1 / 256)
+
+
+def test_mixed_bfloat16_trains_on_cpu(cifar_dir, tmp_path):
+    metrics = train.run(make_config(cifar_dir, tmp_path, precision="mixed_bfloat16", steps_per_epoch=4))
+    assert metrics["precision"] == "mixed_bfloat16"
+    assert np.isfinite(metrics["test_loss"]) and np.isfinite(metrics["history"][0]["train_loss"])
+
+
+def test_rerun_after_epoch_one_trains_only_the_missing_epoch_then_stays_finished(cifar_dir, tmp_path):
+    first = train.run(make_config(cifar_dir, tmp_path, epochs=1))
+    assert first["epochs_completed"] == 1
+    second = train.run(make_config(cifar_dir, tmp_path, epochs=2))
+    assert second["epochs_completed"] == 2
+    assert second["history"][0] == first["history"][0]
+    steps = checkpoint_step(tmp_path)
+    assert steps == 2 * (1024 // 64)
+    third = train.run(make_config(cifar_dir, tmp_path, epochs=2))
+    assert third == read_metrics(tmp_path) and third["history"] == second["history"]
+    assert checkpoint_step(tmp_path) == steps
+
+
+def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(cifar_dir, tmp_path):
+    flags = [f"--data_dir={cifar_dir}", f"--model_dir={tmp_path}", "--train_split=train[:4096]",
+             "--eval_split=test[:256]", "--batch_size=64", "--epochs=2", "--steps_per_loop=4",
+             "--checkpoint_steps=8", "--early_stopping_patience=0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "trainer.task", *flags], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint_dir = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        path = tf.train.latest_checkpoint(str(checkpoint_dir)) if checkpoint_dir.exists() else None
+        if path and 16 <= int(path.rsplit("-", 1)[1]) < 64:  # Inside epoch 1 (64 steps per epoch).
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoint_step(tmp_path)
+    assert 16 <= killed_at < 64, killed_at
+    assert not (tmp_path / "metrics.json").exists()
+
+    result = run_task(*flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {checkpoint_dir / f'ckpt-{killed_at}'}" in result.stderr
+    metrics = read_metrics(tmp_path)
+    assert metrics["epochs_completed"] == 2 and checkpoint_step(tmp_path) == 2 * 64
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    config = make_config(cifar_dir, tmp_path, optimizer="sgd", learning_rate=1e12, momentum=0.0,
+                         steps_per_loop=1, checkpoint_steps=1)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+)") as failure:
+        train.run(config)
+    bad_step = int(failure.value.args[0].split(" at step ")[1].split()[0])
+    saved = sorted(int(name.split("-")[1].split(".")[0]) for name in os.listdir(tmp_path / "checkpoints")
+                   if name.startswith("ckpt-") and name.endswith(".index"))
+    assert saved and max(saved) == bad_step - 1
+    assert all(np.isfinite(value).all() for value in model_variables(tmp_path).values())
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "metrics.json").exists()
+
+
+def test_early_stopping_restores_the_best_weights(cifar_dir, tmp_path):
+    # At this learning rate Adam stalls near chance, so patience 1 stops early and restores the best.
+    config = make_config(cifar_dir, tmp_path, epochs=6, early_stopping_patience=1, learning_rate=0.02,
+                         steps_per_epoch=4)
+    metrics = train.run(config)
+    history = metrics["history"]
+    best = max(range(len(history)), key=lambda index: history[index]["eval_accuracy"])
+    assert metrics["best_epoch"] == best + 1
+    assert metrics["test_accuracy"] == pytest.approx(history[best]["eval_accuracy"], abs=1e-6)
+    assert len(history) < 6 and history[-1]["eval_accuracy"] <= history[best]["eval_accuracy"]

@@ -1,0 +1,224 @@
+"""Model, optimizers and metrics of a run, and its compiled, distributed training and evaluation steps."""
+
+import dataclasses
+import json
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import augment
+from trainer import data
+from trainer import distribution
+from trainer import models
+from trainer import optimization
+from trainer.config import Config
+from trainer.errors import TrainingError
+from trainer.errors import UsageError
+
+
+class TrainingState(tf.Module):
+    """Progress that must survive a restart; saved in every checkpoint."""
+
+    def __init__(self):
+        super().__init__(name="training_state")
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.best_value = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
+        self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.epochs_without_improvement = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history_json = tf.Variable("[]", dtype=tf.string, trainable=False)
+
+    @property
+    def history(self) -> list[dict]:
+        return json.loads(self.history_json.numpy().decode())
+
+    def append_history(self, entry: dict) -> None:
+        self.history_json.assign(json.dumps(self.history + [entry]))
+
+
+@dataclasses.dataclass
+class Phase:
+    """A stretch of epochs with its own trainable variables, optimizer and compiled step."""
+
+    name: str
+    first_epoch: int
+    end_epoch: int
+    variables: list
+    optimizer: keras.optimizers.Optimizer
+    set_trainable: callable
+    train_loop: callable = None
+
+
+class Trainer:
+    """Owns the model, optimizers, metrics and compiled functions of one run under one strategy."""
+
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, network: models.Network,
+                 info: data.DatasetInfo, builder, precision: str):
+        self.config, self.strategy, self.network, self.info = config, strategy, network, info
+        self.model = network.model
+        self.precision = precision
+        self.num_replicas = strategy.num_replicas_in_sync
+        self.steps_per_epoch = data.training_steps_per_epoch(
+            info.num_train_examples, config.batch_size, config.steps_per_epoch)
+        self.eval_steps = data.evaluation_steps(info.num_eval_examples, config.batch_size)
+        self.augment_config = augment.AugmentConfig(config.random_flip, config.brightness, config.translate)
+        self.jit_compile = distribution.resolve_jit_compile(config.jit_compile, strategy)
+        self._train_examples = builder, config.train_split
+        self._eval_examples = builder, config.eval_split
+        self.train_loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        self.eval_loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        with strategy.scope():
+            self.train_loss = keras.metrics.Mean("train_loss")
+            self.train_accuracy = keras.metrics.SparseCategoricalAccuracy("train_accuracy")
+            self.eval_loss = keras.metrics.Mean("eval_loss")
+            self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy("eval_accuracy")
+            self.phases = self._build_phases()
+        self.state = TrainingState()
+        self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
+        self._eval_loop = self._make_eval_loop()
+
+    # Phases and optimizers.
+
+    def _build_phases(self) -> list[Phase]:
+        config, phases = self.config, []
+
+        def freeze_backbone():
+            if self.network.backbone is not None:
+                self.network.backbone.trainable = False
+
+        def unfreeze_top():
+            models.unfreeze_top_stages(self.network, config.fine_tune_stages)
+
+        plans = [("train", 0, config.epochs, config.learning_rate, freeze_backbone)]
+        if config.fine_tune_epochs:
+            plans.append(("fine_tune", config.epochs, config.total_epochs, config.fine_tune_learning_rate,
+                          unfreeze_top))
+        for name, first_epoch, end_epoch, learning_rate, set_trainable in plans:
+            set_trainable()
+            variables = list(self.model.trainable_variables)
+            schedule = optimization.WarmupSchedule(
+                learning_rate, warmup_steps=int(config.warmup_epochs * self.steps_per_epoch),
+                total_steps=(end_epoch - first_epoch) * self.steps_per_epoch, decay=config.lr_schedule)
+            optimizer = optimization.create_optimizer(
+                config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                precision=self.precision)
+            optimizer.build(variables)
+            phases.append(Phase(name, first_epoch, end_epoch, variables, optimizer, set_trainable))
+        return phases
+
+    def phase_of(self, epoch: int) -> Phase:
+        return next(phase for phase in self.phases if phase.first_epoch <= epoch < phase.end_epoch)
+
+    def checkpoint_objects(self) -> dict:
+        metric_variables = [variable for metric in (self.train_loss, self.train_accuracy)
+                            for variable in metric.variables]
+        return {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
+                "state": self.state, "train_metrics": metric_variables}
+
+    # Input.
+
+    def _training_batches(self, input_context, start_epoch, end_epoch, start_step):
+        builder, split = self._train_examples
+        return data.training_batches(
+            data.decoded_examples(builder, split), num_examples=self.info.num_train_examples,
+            input_context=input_context, global_batch_size=self.config.batch_size,
+            steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch,
+            start_step=start_step, seed=self.config.seed)
+
+    def _evaluation_batches(self, input_context):
+        builder, split = self._eval_examples
+        return data.evaluation_batches(
+            data.decoded_examples(builder, split), num_examples=self.info.num_eval_examples,
+            input_context=input_context, global_batch_size=self.config.batch_size,
+            image_shape=self.info.image_shape)
+
+    def training_iterator(self, phase: Phase):
+        start_epoch, start_step = int(self.state.epoch.numpy()), int(self.state.step_in_epoch.numpy())
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda context: self._training_batches(context, start_epoch, phase.end_epoch, start_step))
+        return iter(dataset)
+
+    # Compiled steps.
+
+    def _make_train_loop(self, phase: Phase):
+        model, optimizer, variables = self.model, phase.optimizer, phase.variables
+        num_classes, batch_size, seed = self.info.num_classes, self.config.batch_size, self.config.seed
+
+        def replica_step(images, labels, step):
+            images = tf.cast(images, tf.float32)
+            if self.augment_config.enabled:
+                images = augment.augment(images, augment.step_seed(seed, step), self.augment_config)
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                per_example_loss = self.train_loss_fn(tf.one_hot(labels, num_classes), logits)
+                loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=batch_size)
+                scaled_loss = optimizer.scale_loss(loss)
+            gradients = tape.gradient(scaled_loss, variables)
+            optimizer.apply_gradients(zip(gradients, variables))
+            self.train_loss.update_state(per_example_loss)
+            self.train_accuracy.update_state(labels, logits)
+            return loss
+
+        compiled_step = tf.function(replica_step, jit_compile=self.jit_compile)
+
+        @tf.function
+        def train_loop(iterator, num_steps, first_step):
+            losses = tf.TensorArray(tf.float32, size=num_steps)
+            for index in tf.range(num_steps):
+                images, labels = next(iterator)
+                step = first_step + tf.cast(index, tf.int64)
+                replica_losses = self.strategy.run(compiled_step, args=(images, labels, step))
+                losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, replica_losses, None))
+            return losses.stack()
+
+        return train_loop
+
+    def _make_eval_loop(self):
+        model = self.model
+
+        def replica_step(images, labels):
+            logits = model(tf.cast(images, tf.float32), training=False)
+            weights = tf.cast(labels != data.PADDING_LABEL, tf.float32)
+            labels = tf.maximum(labels, 0)
+            self.eval_loss.update_state(self.eval_loss_fn(labels, logits), sample_weight=weights)
+            self.eval_accuracy.update_state(labels, logits, sample_weight=weights)
+
+        compiled_step = tf.function(replica_step, jit_compile=self.jit_compile)
+
+        @tf.function
+        def eval_loop(iterator, num_steps):
+            for _ in tf.range(num_steps):
+                images, labels = next(iterator)
+                self.strategy.run(compiled_step, args=(images, labels))
+
+        return eval_loop
+
+    def evaluate(self) -> dict:
+        for metric in (self.eval_loss, self.eval_accuracy):
+            metric.reset_state()
+        self._eval_loop(iter(self._eval_dataset), tf.constant(self.eval_steps))
+        return {"eval_loss": float(self.eval_loss.result()), "eval_accuracy": float(self.eval_accuracy.result())}
+
+    def train_steps(self, phase: Phase, iterator, num_steps: int) -> np.ndarray:
+        """Runs `num_steps` steps; a non-finite loss stops training and names the step."""
+        if phase.train_loop is None:
+            phase.train_loop = self._make_train_loop(phase)
+        first_step = int(self.state.global_step.numpy())
+        losses = phase.train_loop(iterator, tf.constant(num_steps), tf.constant(first_step, tf.int64)).numpy()
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            raise TrainingError(
+                f"The loss became {losses[bad[0]]} at step {first_step + int(bad[0]) + 1} "
+                f"(epoch {int(self.state.epoch.numpy()) + 1}); training stopped and the last good checkpoint "
+                "was kept. Try a lower --learning_rate or --precision=float32.")
+        return losses
+
+
+def check_batch_size(batch_size: int, num_replicas: int) -> None:
+    if batch_size % num_replicas:
+        raise UsageError(f"--batch_size={batch_size} does not split evenly over {num_replicas} replicas; "
+                         f"use a multiple of {num_replicas}.")
