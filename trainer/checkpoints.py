@@ -1,14 +1,26 @@
-"""Checkpoints of the training state and of the best weights, following the multi-worker rules."""
+"""Checkpoints that follow the multi-worker rules, and saving them when a worker is preempted."""
 
 import os
+import signal
+import threading
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.python.distribute.failure_handling import failure_handling_util
 
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
-BEST_SUBDIR = "best"
+# Exit status after a preemption checkpoint: the job is unfinished and should be restarted.
+PREEMPTED_EXIT_CODE = 42
+
+
+class Preempted(Exception):
+    """The cluster saved a checkpoint because a worker is being terminated; rerun to resume."""
+
+    def __init__(self, step: int):
+        super().__init__(f"Preempted: checkpoint saved at step {step}; rerun the same command to resume from it.")
+        self.step = step
 
 
 class CheckpointStore:
@@ -16,28 +28,25 @@ class CheckpointStore:
 
     Every worker must call `save` (saving is a collective under MultiWorkerMirroredStrategy), but
     only the chief writes into the shared directory; other workers write to a private temporary
-    directory that is removed right after.
+    directory that is removed right after. Every worker restores from the shared directory.
     """
 
-    def __init__(self, directory: str, *, training_objects: dict, best_objects: dict, is_chief: bool,
-                 task_id: int = 0, max_to_keep: int = 3):
+    def __init__(self, directory: str, objects: dict, *, is_chief: bool, task_id: int = 0, max_to_keep: int = 3):
         self.directory = directory
         self.is_chief = is_chief
-        self.checkpoint = tf.train.Checkpoint(**training_objects)
-        self.best_checkpoint = tf.train.Checkpoint(**best_objects)
-        self._write_dir = directory if is_chief else os.path.join(directory, f".worker-{task_id}-temp")
-        if not is_chief:
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.read_manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        if is_chief:
+            self._write_dir, self.write_manager = directory, self.read_manager
+        else:
+            self._write_dir = os.path.join(directory, f".worker-{task_id}-temp")
             _remove(self._write_dir)  # A killed worker may have left one behind.
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir, max_to_keep=max_to_keep)
-        self.best_manager = tf.train.CheckpointManager(
-            self.best_checkpoint, os.path.join(self._write_dir, BEST_SUBDIR), max_to_keep=1)
-
-    def latest(self) -> str | None:
-        return tf.train.latest_checkpoint(self.directory)
+            self.write_manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir, max_to_keep=1)
+        self.last_saved_step = None
 
     def restore_latest(self) -> str | None:
         """Restores the newest checkpoint in the shared directory; returns its path, or None."""
-        path = self.latest()
+        path = self.read_manager.latest_checkpoint
         if path is None:
             return None
         try:
@@ -45,31 +54,93 @@ class CheckpointStore:
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise UsageError(f"Cannot resume from {path}: it does not match this model and flags "
                              f"({one_line(error, 200)}). Use a new --model_dir.") from error
+        self.last_saved_step = int(path.rsplit("-", 1)[1])
         logging.info("Resumed from %s.", path)
         return path
 
     def save(self, step: int) -> None:
-        path = self.manager.save(checkpoint_number=step)
-        self._clean_up_if_temporary()
+        if step == self.last_saved_step:
+            return
+        path = self.write_manager.save(checkpoint_number=step)
+        self.last_saved_step = step
         if self.is_chief:
             logging.info("Saved checkpoint %s.", path)
-
-    def save_best(self, step: int) -> None:
-        self.best_manager.save(checkpoint_number=step)
-        self._clean_up_if_temporary()
-
-    def restore_best(self) -> bool:
-        path = tf.train.latest_checkpoint(os.path.join(self.directory, BEST_SUBDIR))
-        if path is None:
-            return False
-        self.best_checkpoint.restore(path).expect_partial()
-        return True
-
-    def _clean_up_if_temporary(self) -> None:
-        if not self.is_chief:
+        else:
             _remove(self._write_dir)
 
 
 def _remove(directory: str) -> None:
     if tf.io.gfile.exists(directory):
         tf.io.gfile.rmtree(directory)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM on any worker into a checkpoint of the whole cluster at one step, then `Preempted`.
+
+    It rides on tf.distribute's PreemptionCheckpointHandler, which agrees on the step across workers
+    through the coordination service. Where that handler does nothing (TPUs, and CPU machines on
+    Google Cloud), the workers agree with an all-reduce of the flag instead.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, store: CheckpointStore):
+        self._strategy, self._store = strategy, store
+        self._signalled = threading.Event()
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        _quiet_watcher_thread_failures()
+        self._handler = None
+        platform = failure_handling_util.detect_platform()
+        if not isinstance(strategy, tf.distribute.TPUStrategy) and platform not in (
+                failure_handling_util.PlatformDevice.GCE_CPU, failure_handling_util.PlatformDevice.GCE_TPU):
+            watch_gce = platform == failure_handling_util.PlatformDevice.GCE_GPU
+            termination = tf.distribute.experimental.TerminationConfig(
+                termination_watcher_fn=lambda: self._signalled.is_set() or (
+                    watch_gce and failure_handling_util.termination_watcher_function_gce()),
+                exit_fn=self._exit, save_fn=lambda checkpoint_number: store.save(checkpoint_number))
+            self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+                getattr(strategy, "cluster_resolver", None), store.read_manager, termination_config=termination)
+        self._step = None
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: the cluster will checkpoint at the next step boundary and exit.")
+        self._signalled.set()
+
+    def _exit(self):
+        raise Preempted(self._step)
+
+    def check(self, step: int) -> None:
+        """Called by every worker after each training loop call; raises Preempted once saved."""
+        self._step = step
+        if self._handler is not None:
+            self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
+        elif self._any_worker_signalled():
+            self._store.save(step)
+            self._exit()
+
+    def _any_worker_signalled(self) -> bool:
+        flag = tf.constant(int(self._signalled.is_set()))
+        per_replica = self._strategy.run(lambda: tf.identity(flag))
+        return bool(self._strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None).numpy())
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+_WATCHER_THREADS = ("PeerTerminationWatcher", "WorkerTerminationSignalWatcher")
+
+
+def _quiet_watcher_thread_failures() -> None:
+    """Makes the handler's watcher threads, which die with a traceback when a peer dies (often after
+    the main thread has already reported it), log one line instead. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_watchers", False):
+        return
+
+    def hook(hook_args):
+        if hook_args.thread is not None and hook_args.thread.name.startswith(_WATCHER_THREADS):
+            logging.warning("Preemption watcher stopped: %s", one_line(hook_args.exc_value, 200))
+            return
+        previous(hook_args)
+
+    hook.quiets_watchers = True
+    threading.excepthook = hook

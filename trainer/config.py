@@ -59,6 +59,15 @@ flags.DEFINE_enum(
     "precision", "auto", PRECISIONS,
     "Keras dtype policy. auto: mixed_float16 with loss scaling on GPU, mixed_bfloat16 on TPU, "
     "float32 on CPU. Logits and loss are float32 in every case.")
+flags.DEFINE_enum(
+    "communication", "auto", ("auto", "ring", "nccl"),
+    "Cross-worker all-reduce for multi_worker_mirrored: ring (gRPC), nccl (GPUs), or auto.")
+flags.DEFINE_integer(
+    "collective_timeout", 600,
+    "multi_worker_mirrored: seconds a collective may wait for its peers before the job fails; 0 waits forever.")
+flags.DEFINE_integer(
+    "heartbeat_timeout", 30,
+    "multi_worker_mirrored: seconds without a heartbeat after which a worker counts as dead and the job fails.")
 flags.DEFINE_bool(
     "jit_compile", None,
     "Compile the training and evaluation steps with XLA. Default: on for GPU, off for CPU (XLA's CPU "
@@ -132,6 +141,9 @@ class Config:
     devices: tuple[str, ...]
     cpu_devices: int
     precision: str
+    communication: str
+    collective_timeout: int
+    heartbeat_timeout: int
     jit_compile: bool | None
     batch_size: int
     epochs: int
@@ -217,6 +229,8 @@ def validate(config: Config) -> None:
     _require(config.steps_per_epoch is None or config.steps_per_epoch > 0,
              f"--steps_per_epoch={config.steps_per_epoch} must be at least 1 (leave it out for whole epochs).")
     _require(config.checkpoint_steps >= 0, f"--checkpoint_steps={config.checkpoint_steps} must be zero or more.")
+    _require(config.collective_timeout >= 0, f"--collective_timeout={config.collective_timeout} must be 0 or more.")
+    _require(config.heartbeat_timeout > 0, f"--heartbeat_timeout={config.heartbeat_timeout} must be positive.")
     _require(config.cpu_devices >= 0, f"--cpu_devices={config.cpu_devices} must be zero or more.")
     _require(config.early_stopping_patience >= 0,
              f"--early_stopping_patience={config.early_stopping_patience} must be zero (off) or more.")

@@ -43,14 +43,45 @@ def resolve_strategy_name(config: Config) -> str:
 
 
 def _cluster_has_several_tasks() -> bool:
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return False
+    tf_config = cluster_environment()
+    return bool(tf_config) and sum(len(tasks) for tasks in tf_config.get("cluster", {}).values()) > 1
+
+
+# Vertex AI worker pools: pool 0 is the primary replica, pool 1 the other workers.
+VERTEX_POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps", "workerpool3": "evaluator"}
+
+
+def cluster_environment() -> dict | None:
+    """The TF_CONFIG this process runs under: $TF_CONFIG (Kubernetes, Kubeflow, launch.local), or one
+    translated from Vertex AI's $CLUSTER_SPEC when only that is set. None outside a cluster."""
+    if os.environ.get("TF_CONFIG"):
+        return _parse_json("TF_CONFIG")
+    if os.environ.get("CLUSTER_SPEC"):
+        return tf_config_from_cluster_spec(_parse_json("CLUSTER_SPEC"))
+    return None
+
+
+def _parse_json(variable: str) -> dict:
     try:
-        cluster = json.loads(raw).get("cluster", {})
-    except ValueError:
-        return False
-    return sum(len(tasks) for tasks in cluster.values()) > 1
+        value = json.loads(os.environ[variable])
+    except ValueError as error:
+        raise UsageError(f"${variable} is not valid JSON ({error}); it should describe the cluster and this task.") \
+            from error
+    if not isinstance(value, dict) or "cluster" not in value or "task" not in value:
+        raise UsageError(f"${variable} needs 'cluster' and 'task' entries, got {sorted(value)[:5]}.")
+    return value
+
+
+def tf_config_from_cluster_spec(cluster_spec: dict) -> dict:
+    """Maps Vertex AI's CLUSTER_SPEC onto the TF_CONFIG that TensorFlow's resolver reads."""
+    cluster = {VERTEX_POOL_ROLES[pool]: list(addresses) for pool, addresses in cluster_spec["cluster"].items()
+               if pool in VERTEX_POOL_ROLES and addresses}
+    task = cluster_spec["task"]
+    role = VERTEX_POOL_ROLES.get(task.get("type"))
+    if role is None:
+        raise UsageError(f"$CLUSTER_SPEC task type {task.get('type')!r} is not a Vertex AI worker pool "
+                         f"({', '.join(VERTEX_POOL_ROLES)}).")
+    return {"cluster": cluster, "task": {"type": role, "index": int(task.get("index", 0))}}
 
 
 def create_strategy(config: Config) -> tf.distribute.Strategy:
@@ -59,7 +90,7 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
     if name == "tpu":
         strategy = _tpu_strategy(config.tpu)
     elif name == "multi_worker_mirrored":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _multi_worker_strategy(config)
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy(devices=_checked_devices(config.devices) or None)
     elif name == "one_device":
@@ -73,6 +104,52 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
         strategy = tf.distribute.get_strategy()
     logging.info("Strategy %s (%s) with %d replica(s).", name, type(strategy).__name__, strategy.num_replicas_in_sync)
     return strategy
+
+
+COMMUNICATION = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+}
+
+
+def _multi_worker_strategy(config: Config) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy over the cluster in the environment, failing fast when a peer dies."""
+    tf_config = cluster_environment()
+    if tf_config is not None:
+        roles = set(tf_config["cluster"]) - {"chief", "worker"}
+        if roles:
+            raise UsageError(f"--strategy=multi_worker_mirrored runs chief and worker tasks only; the cluster also "
+                             f"has {', '.join(sorted(roles))}.")
+        if tf_config["task"]["type"] not in ("chief", "worker"):
+            raise UsageError(f"This task is a {tf_config['task']['type']}; multi_worker_mirrored runs chief and "
+                             "worker tasks only.")
+        os.environ["TF_CONFIG"] = json.dumps(tf_config)
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if resolver.cluster_spec().jobs:
+        _configure_failure_detection(resolver, config.heartbeat_timeout)
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=COMMUNICATION[config.communication], timeout_seconds=config.collective_timeout or None)
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+
+
+def _configure_failure_detection(resolver, heartbeat_timeout: int) -> None:
+    """Sets the coordination service up as MultiWorkerMirroredStrategy would, plus a heartbeat timeout,
+    so that when a worker dies the others stop with an error instead of waiting forever.
+
+    The strategy only configures the service when nobody has; the timeout has no public API.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    cluster_spec = resolver.cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster_spec.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster_spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster_spec),
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=heartbeat_timeout * 1000,
+        shutdown_barrier_timeout_in_ms=heartbeat_timeout * 1000)
 
 
 def _default_device() -> str:
@@ -121,6 +198,13 @@ def resolve_precision(config: Config, strategy: tf.distribute.Strategy) -> str:
     if tf.config.list_logical_devices("GPU"):
         return "mixed_float16"
     return "float32"
+
+
+def task_id(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().jobs:
+        return 0
+    return int(resolver.task_id or 0)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -1,5 +1,7 @@
 """Errors the entry points turn into one line on stderr instead of a traceback."""
 
+import re
+
 
 class UsageError(Exception):
     """A bad flag value or environment that the user can fix; the message says how."""
@@ -7,6 +9,22 @@ class UsageError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (for example a NaN loss); the message names the step."""
+
+
+class ClusterError(TrainingError):
+    """A multi-worker run lost a worker (it died, hung or became unreachable)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"training stopped because a worker of the cluster failed or stopped answering "
+                         f"({_informative_line(error)}). Restart the job; it resumes from the latest checkpoint.")
+
+
+def _informative_line(error: Exception) -> str:
+    """The line of a TensorFlow cluster error that names the cause; its first lines are boilerplate."""
+    for line in str(error).splitlines():
+        if re.search(r"crashed|reset|refused|unavailable|heartbeat|timed out|deadline|connection|aborted", line, re.I):
+            return line.strip()[:200]
+    return one_line(error, 200)
 
 
 def one_line(error: BaseException, limit: int = 240) -> str:

@@ -27,8 +27,14 @@ class Progress:
     def start_epoch(self) -> None:
         self._epoch_started = time.monotonic()
 
-    def update(self, epoch: int, step_in_epoch: int, loss: float, images_per_second: float) -> None:
+    def update(self, epoch: int, step_in_epoch: int, global_step: int, loss: float, images_per_second: float) -> None:
+        """After each training loop call: a bar on a terminal; in logs, a line a minute (and every call at -v=1)."""
+        logging.vlog(1, "step %d (epoch %d, %d/%d) loss %.4f", global_step, epoch + 1, step_in_epoch,
+                     self.steps_per_epoch, loss)
         if not self.interactive:
+            logging.log_every_n_seconds(
+                logging.INFO, "epoch %d/%d  step %d/%d  loss %.4f  %s img/s", 60, epoch + 1, self.total_epochs,
+                step_in_epoch, self.steps_per_epoch, loss, f"{images_per_second:,.0f}")
             return
         width = 30
         done = int(width * step_in_epoch / self.steps_per_epoch)

@@ -1,6 +1,7 @@
 """Model, optimizers and metrics of a run, and its compiled, distributed training and evaluation steps."""
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -77,6 +78,9 @@ class Trainer:
             self.eval_loss = keras.metrics.Mean("eval_loss")
             self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy("eval_accuracy")
             self.phases = self._build_phases()
+            # The best epoch's weights live in variables saved with every checkpoint, so every
+            # worker can restore them without reading another worker's files.
+            self.best_weights = [tf.Variable(weight.value, trainable=False) for weight in self.model.weights]
         self.state = TrainingState()
         self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
         self._eval_loop = self._make_eval_loop()
@@ -117,7 +121,22 @@ class Trainer:
         metric_variables = [variable for metric in (self.train_loss, self.train_accuracy)
                             for variable in metric.variables]
         return {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
-                "state": self.state, "train_metrics": metric_variables}
+                "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
+
+    def weights_fingerprint(self) -> str:
+        """A hash of every model weight: equal on all workers when they hold identical models."""
+        digest = hashlib.sha256()
+        for weight in self.model.weights:
+            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight.value)).tobytes())
+        return digest.hexdigest()[:16]
+
+    def remember_best_weights(self) -> None:
+        for best, weight in zip(self.best_weights, self.model.weights):
+            best.assign(weight.value)
+
+    def restore_best_weights(self) -> None:
+        for best, weight in zip(self.best_weights, self.model.weights):
+            weight.assign(best)
 
     # Input.
 
@@ -163,7 +182,8 @@ class Trainer:
             self.train_accuracy.update_state(labels, logits)
             return loss
 
-        compiled_step = tf.function(replica_step, jit_compile=self.jit_compile)
+        # Without XLA the step is traced inline into the loop; with it, it is its own compiled cluster.
+        compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
 
         @tf.function
         def train_loop(iterator, num_steps, first_step):
@@ -187,7 +207,7 @@ class Trainer:
             self.eval_loss.update_state(self.eval_loss_fn(labels, logits), sample_weight=weights)
             self.eval_accuracy.update_state(labels, logits, sample_weight=weights)
 
-        compiled_step = tf.function(replica_step, jit_compile=self.jit_compile)
+        compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
 
         @tf.function
         def eval_loop(iterator, num_steps):

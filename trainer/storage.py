@@ -11,7 +11,8 @@ from trainer.errors import UsageError
 # Flags that may change between a run and its resumption: they move or speed up the same
 # computation. Any other difference would silently change what the checkpoint is resumed into.
 RESUMABLE_CHANGES = frozenset({
-    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "steps_per_loop", "checkpoint_steps",
+    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "communication", "collective_timeout",
+    "heartbeat_timeout", "steps_per_loop", "checkpoint_steps",
     "data_dir", "model_dir", "epochs", "fine_tune_epochs", "early_stopping_patience", "eval_split",
 })
 CONFIG_FILE = "config.json"

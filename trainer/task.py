@@ -1,25 +1,28 @@
 """Entry point: `python -m trainer.task --model=resnet50 --strategy=mirrored ...`."""
 
+import logging as python_logging
 import sys
 
 from absl import app
 from absl import logging
 
+from trainer import checkpoints
 from trainer import config as config_lib
 from trainer import train
 from trainer.errors import TrainingError
 from trainer.errors import UsageError
 
-# Exit status of a run that stopped on a user error, so scripts and cluster restart policies
-# can tell it from a crash (1) and from a preemption.
+# Exit status of a run that stopped on a user error, so scripts and cluster restart policies can
+# tell it from a crash (1) and from a preemption (checkpoints.PREEMPTED_EXIT_CODE).
 USAGE_EXIT_CODE = 2
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
-    config = config_lib.config_from_flags()
-    train.run(config)
+    # TensorFlow's own INFO messages (one per traced collective, per checkpoint shard) bury ours.
+    python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+    train.run(config_lib.config_from_flags())
 
 
 def run_main(argv: list[str]) -> None:
@@ -29,9 +32,11 @@ def run_main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
     except TrainingError as error:
-        logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except checkpoints.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from trainer import reports
 from trainer import storage
 from trainer import summaries
 from trainer.config import Config
+from trainer.errors import ClusterError
 from trainer.steps import Phase
 from trainer.steps import Trainer
 from trainer.steps import check_batch_size
@@ -49,19 +50,17 @@ def run(config: Config) -> dict:
         trainer = Trainer(config, strategy, network, info, builder, precision)
         if chief and not resuming:
             storage.write_json(paths.config_file, config.to_dict())
-        store = checkpoints.CheckpointStore(
-            paths.checkpoint_dir, training_objects=trainer.checkpoint_objects(),
-            best_objects={"model": trainer.model}, is_chief=chief, task_id=_task_id(strategy))
+        store = checkpoints.CheckpointStore(paths.checkpoint_dir, trainer.checkpoint_objects(), is_chief=chief,
+                                            task_id=distribution.task_id(strategy))
         store.restore_latest()
-        loop = _Loop(trainer, store, paths, chief)
-        return loop.run(precision, started)
+        return _Loop(trainer, store, paths, chief).run(precision, started)
+    except tf.errors.OpError as error:
+        # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise ClusterError(error) from error
+        raise
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
-
-
-def _task_id(strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return int(resolver.task_id or 0) if resolver is not None and resolver.cluster_spec().jobs else 0
 
 
 class _Loop:
@@ -86,13 +85,15 @@ class _Loop:
         else:
             self.summaries.text("train", int(state.global_step.numpy()), "flags",
                                 summaries.flags_markdown(config.to_dict()))
+            guard = checkpoints.PreemptionGuard(self.trainer.strategy, self.store)
             try:
-                self._train()
+                self._train(guard)
             finally:
+                guard.close()
                 self.summaries.flush()
         return self._finish(precision, started)
 
-    def _train(self) -> None:
+    def _train(self, guard: checkpoints.PreemptionGuard) -> None:
         state, trainer = self.state, self.trainer
         while int(state.epoch.numpy()) < self.config.total_epochs:
             phase = trainer.phase_of(int(state.epoch.numpy()))
@@ -101,9 +102,9 @@ class _Loop:
                          phase.end_epoch, len(phase.variables))
             iterator = trainer.training_iterator(phase)
             while int(state.epoch.numpy()) < phase.end_epoch:
-                self._train_epoch(phase, iterator)
+                self._train_epoch(phase, iterator, guard)
 
-    def _train_epoch(self, phase: Phase, iterator) -> None:
+    def _train_epoch(self, phase: Phase, iterator, guard: checkpoints.PreemptionGuard) -> None:
         state, trainer, config = self.state, self.trainer, self.config
         epoch = int(state.epoch.numpy())
         self.progress.start_epoch()
@@ -128,13 +129,14 @@ class _Loop:
             self.summaries.scalars("train", step, {
                 "loss": float(np.mean(losses)), "images_per_second": images / seconds,
                 "learning_rate": optimization.current_learning_rate(phase.optimizer)})
-            self.progress.update(epoch, step_in_epoch + num_steps, float(trainer.train_loss.result()),
+            self.progress.update(epoch, step_in_epoch + num_steps, step, float(trainer.train_loss.result()),
                                  images / seconds)
             since_checkpoint += num_steps
             if config.checkpoint_steps and since_checkpoint >= config.checkpoint_steps \
                     and step_in_epoch + num_steps < trainer.steps_per_epoch:
                 self.store.save(step)
                 since_checkpoint = 0
+            guard.check(step)
         self._end_epoch(phase, epoch, epoch_images / max(epoch_seconds, 1e-9), epoch_seconds)
 
     def _end_epoch(self, phase: Phase, epoch: int, images_per_second: float, train_seconds: float) -> None:
@@ -174,7 +176,7 @@ class _Loop:
             state.best_value.assign(value)
             state.best_epoch.assign(epoch + 1)
             state.epochs_without_improvement.assign(0)
-            self.store.save_best(int(state.global_step.numpy()))
+            self.trainer.remember_best_weights()
             return
         state.epochs_without_improvement.assign_add(1)
         if int(state.epochs_without_improvement.numpy()) >= patience and epoch + 1 < phase.end_epoch:
@@ -188,10 +190,13 @@ class _Loop:
 
     def _finish(self, precision: str, started: float) -> dict:
         trainer, state, config = self.trainer, self.state, self.config
-        if config.early_stopping_patience and self.store.restore_best():
+        if config.early_stopping_patience and int(state.best_epoch.numpy()) > 0:
+            trainer.restore_best_weights()
             logging.info("Restored the best weights (epoch %d, %s %.4f).", int(state.best_epoch.numpy()),
                          config.early_stopping_monitor, float(state.best_value.numpy()))
         final = trainer.evaluate()
+        fingerprint = trainer.weights_fingerprint()
+        logging.info("Final weights fingerprint %s.", fingerprint)
         export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
         export.export_model(trainer.model, trainer.info.image_shape, trainer.info.class_names, export_dir)
         if not self.chief:
@@ -207,7 +212,7 @@ class _Loop:
             "history": history, "class_names": list(trainer.info.class_names), "dataset": trainer.info.name,
             "num_parameters": int(trainer.model.count_params()), "precision": precision,
             "strategy": type(trainer.strategy).__name__, "num_replicas": trainer.num_replicas,
-            "flags": config.to_dict(),
+            "flags": config.to_dict(), "weights_fingerprint": fingerprint,
         }
         reports.write_metrics(self.paths.metrics_file, metrics)
         reports.plot_history(self.paths.history_plot, history, self._title())
