@@ -149,6 +149,19 @@ def test_tf_config_and_cluster_spec_describe_the_same_cluster(monkeypatch):
     assert distribution.resolve_strategy_name(make_config("unused", "unused")) == "multi_worker_mirrored"
 
 
+def test_kubernetes_indexed_job_environment_gives_each_pod_its_task(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("CLUSTER_SPEC", raising=False)
+    hosts = "job-0.svc:2222,job-1.svc:2222"
+    monkeypatch.setenv("WORKER_HOSTS", hosts)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    assert distribution.cluster_environment() == {
+        "cluster": {"worker": hosts.split(",")}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    with pytest.raises(UsageError, match="outside"):
+        distribution.cluster_environment()
+
+
 def test_malformed_cluster_environment_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(UsageError, match=r"\$TF_CONFIG is not valid JSON"):

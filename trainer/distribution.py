@@ -52,12 +52,25 @@ VERTEX_POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker", "workerpoo
 
 
 def cluster_environment() -> dict | None:
-    """The TF_CONFIG this process runs under: $TF_CONFIG (Kubernetes, Kubeflow, launch.local), or one
-    translated from Vertex AI's $CLUSTER_SPEC when only that is set. None outside a cluster."""
+    """The TF_CONFIG this process runs under, from the first of:
+
+    - $TF_CONFIG (Kubeflow, launch.local, any scheduler that sets it);
+    - Vertex AI's $CLUSTER_SPEC;
+    - a Kubernetes Indexed Job (launch.gke): $WORKER_HOSTS lists every pod's host:port and
+      Kubernetes sets $JOB_COMPLETION_INDEX, this pod's index.
+
+    None outside a cluster.
+    """
     if os.environ.get("TF_CONFIG"):
         return _parse_json("TF_CONFIG")
     if os.environ.get("CLUSTER_SPEC"):
         return tf_config_from_cluster_spec(_parse_json("CLUSTER_SPEC"))
+    if os.environ.get("WORKER_HOSTS") and os.environ.get("JOB_COMPLETION_INDEX"):
+        hosts = [host.strip() for host in os.environ["WORKER_HOSTS"].split(",") if host.strip()]
+        index = int(os.environ["JOB_COMPLETION_INDEX"])
+        if not 0 <= index < len(hosts):
+            raise UsageError(f"$JOB_COMPLETION_INDEX={index} is outside $WORKER_HOSTS ({len(hosts)} hosts).")
+        return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
     return None
 
 
