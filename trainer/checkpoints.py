@@ -31,8 +31,10 @@ class CheckpointStore:
     directory that is removed right after. Every worker restores from the shared directory.
     """
 
-    def __init__(self, directory: str, objects: dict, *, is_chief: bool, task_id: int = 0, max_to_keep: int = 3):
+    def __init__(self, directory: str, objects: dict, *, is_chief: bool, task_id: int = 0, max_to_keep: int = 3,
+                 after_save=None):
         self.directory = directory
+        self.after_save = after_save
         self.is_chief = is_chief
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.read_manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
@@ -67,6 +69,8 @@ class CheckpointStore:
             logging.info("Saved checkpoint %s.", path)
         else:
             _remove(self._write_dir)
+        if self.after_save is not None:
+            self.after_save()
 
 
 def _remove(directory: str) -> None:

@@ -1,10 +1,12 @@
-"""The run directory: its layout, safe writes, and checks before a run writes anything."""
+"""The run directory: its layout (local or gs://), safe writes, and checks before a run writes anything."""
 
 import dataclasses
 import json
 import os
+import posixpath
 import tempfile
 
+from trainer import gcs
 from trainer.config import Config
 from trainer.errors import UsageError
 
@@ -43,6 +45,45 @@ class RunPaths:
     @property
     def config_file(self) -> str:
         return os.path.join(self.model_dir, CONFIG_FILE)
+
+
+def run_locations(model_dir: str) -> dict[str, str]:
+    """Where the run's outputs live: model_dir's subdirectories, or, for the directory Vertex AI
+    gave in $AIP_MODEL_DIR, the checkpoint and TensorBoard directories it gave beside it."""
+    join = posixpath.join if gcs.is_gcs(model_dir) else os.path.join
+    locations = {"model": model_dir, "checkpoints": join(model_dir, "checkpoints"), "logs": join(model_dir, "logs")}
+    vertex_model_dir = os.environ.get("AIP_MODEL_DIR", "")
+    if vertex_model_dir and vertex_model_dir.rstrip("/") == model_dir.rstrip("/"):
+        locations["checkpoints"] = os.environ.get("AIP_CHECKPOINT_DIR") or locations["checkpoints"]
+        locations["logs"] = os.environ.get("AIP_TENSORBOARD_LOG_DIR") or locations["logs"]
+    return {name: location.rstrip("/") for name, location in locations.items()}
+
+
+def open_run(model_dir: str, task_id: int) -> tuple[RunPaths, gcs.Mirror | None]:
+    """The local paths the trainer writes to and, for gs:// locations, the mirror that uploads them."""
+    locations = run_locations(model_dir)
+    if not any(gcs.is_gcs(location) for location in locations.values()):
+        return RunPaths(model_dir=locations["model"], checkpoint_dir=locations["checkpoints"],
+                        log_dir=locations["logs"], export_dir=os.path.join(locations["model"], "export")), None
+    if not all(gcs.is_gcs(location) for location in locations.values()):
+        raise UsageError(f"The run's locations mix gs:// and local paths ({locations}); use one kind.")
+    local = gcs.local_working_dir(model_dir, task_id)
+    paths = RunPaths.under(local)
+    mirror = gcs.Mirror([gcs.Root(paths.model_dir, locations["model"]),
+                         gcs.Root(paths.checkpoint_dir, locations["checkpoints"]),
+                         gcs.Root(paths.log_dir, locations["logs"])])
+    return paths, mirror
+
+
+def local_copy(model_dir: str) -> str:
+    """A local directory holding a finished run's files, downloading them when model_dir is gs://."""
+    if not gcs.is_gcs(model_dir):
+        return model_dir
+    paths, mirror = open_run(model_dir, task_id=0)
+    mirror.preflight(write=False)
+    mirror.restore()
+    mirror.download_tree("export", paths.export_dir)
+    return paths.model_dir
 
 
 def prepare_model_dir(paths: RunPaths) -> None:

@@ -32,7 +32,10 @@ def run(config: Config) -> dict:
     strategy = distribution.create_strategy(config)
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     chief = distribution.is_chief(strategy)
-    paths = storage.RunPaths.under(config.model_dir)
+    paths, mirror = storage.open_run(config.model_dir, distribution.task_id(strategy))
+    if mirror is not None:
+        mirror.preflight(write=chief)
+        mirror.restore()
     storage.prepare_model_dir(paths)
     resuming = storage.check_resume(paths, config)
     precision = distribution.resolve_precision(config, strategy)
@@ -50,10 +53,12 @@ def run(config: Config) -> dict:
         trainer = Trainer(config, strategy, network, info, builder, precision)
         if chief and not resuming:
             storage.write_json(paths.config_file, config.to_dict())
+        # Only the chief uploads; it does so after every checkpoint and at the end.
+        upload = mirror.upload if mirror is not None and chief else None
         store = checkpoints.CheckpointStore(paths.checkpoint_dir, trainer.checkpoint_objects(), is_chief=chief,
-                                            task_id=distribution.task_id(strategy))
+                                            task_id=distribution.task_id(strategy), after_save=upload)
         store.restore_latest()
-        return _Loop(trainer, store, paths, chief).run(precision, started)
+        return _Loop(trainer, store, paths, chief, upload).run(precision, started)
     except tf.errors.OpError as error:
         # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -66,8 +71,10 @@ def run(config: Config) -> dict:
 class _Loop:
     """Drives epochs and phases, and writes every output of the run."""
 
-    def __init__(self, trainer: Trainer, store: checkpoints.CheckpointStore, paths: storage.RunPaths, chief: bool):
+    def __init__(self, trainer: Trainer, store: checkpoints.CheckpointStore, paths: storage.RunPaths, chief: bool,
+                 upload=None):
         self.trainer, self.store, self.paths, self.chief = trainer, store, paths, chief
+        self.upload = upload
         self.config, self.state = trainer.config, trainer.state
         self.summaries = summaries.Summaries(paths.log_dir, enabled=chief)
         self.progress = progress.Progress(self.config.total_epochs, trainer.steps_per_epoch)
@@ -216,6 +223,9 @@ class _Loop:
         }
         reports.write_metrics(self.paths.metrics_file, metrics)
         reports.plot_history(self.paths.history_plot, history, self._title())
+        self.summaries.flush()
+        if self.upload is not None:
+            self.upload()
         logging.info("Test accuracy %.4f, loss %.4f on %s. Outputs in %s.", metrics["test_accuracy"],
-                     metrics["test_loss"], config.eval_split, self.paths.model_dir)
+                     metrics["test_loss"], config.eval_split, config.model_dir)
         return metrics
