@@ -10,10 +10,16 @@ class AugmentConfig:
     random_flip: bool = True
     brightness: float = 0.0  # Largest brightness change, as a fraction of the 0-255 range.
     translate: int = 0  # Largest shift in pixels, with reflect padding.
+    mixup: float = 0.0  # Beta(alpha, alpha) parameter; 0 is off.
+    cutmix: float = 0.0
 
     @property
     def enabled(self) -> bool:
         return self.random_flip or self.brightness > 0 or self.translate > 0
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
 
 def step_seed(base_seed: int, step: tf.Tensor) -> tf.Tensor:
@@ -50,3 +56,55 @@ def random_translate(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.T
     columns = offsets[1] + tf.range(width)[tf.newaxis, :]
     shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(shifted, columns, axis=2, batch_dims=1)
+
+
+def _beta(seed: tf.Tensor, alpha: float) -> tf.Tensor:
+    """One draw from Beta(alpha, alpha), as a ratio of two stateless gamma draws."""
+    first, second = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    x = tf.random.stateless_gamma([], first, alpha=alpha)
+    y = tf.random.stateless_gamma([], second, alpha=alpha)
+    return x / (x + y)
+
+
+def mix(images: tf.Tensor, targets: tf.Tensor, seed: tf.Tensor, mixup_alpha: float, cutmix_alpha: float):
+    """Mixup or CutMix within the batch; with both on, each batch picks one at random.
+
+    Mixup blends every image with a partner from the batch; CutMix pastes a box of the partner. The
+    (one-hot or smoothed) targets are blended in the same proportion as the pixels.
+    """
+    choice_seed, mixup_seed, cutmix_seed, partner_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    partners = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(images)[0]), partner_seed)
+    partner_images, partner_targets = tf.gather(images, partners), tf.gather(targets, partners)
+
+    def blend():
+        share = _beta(mixup_seed, mixup_alpha)
+        return share * images + (1 - share) * partner_images, share
+
+    def paste():
+        mask, share = _cutmix_mask(tf.shape(images), _beta(cutmix_seed, cutmix_alpha), cutmix_seed)
+        return images * mask + partner_images * (1 - mask), share
+
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = tf.random.stateless_uniform([], choice_seed) < 0.5
+        mixed, share = tf.cond(use_cutmix, paste, blend)
+    else:
+        mixed, share = paste() if cutmix_alpha > 0 else blend()
+    return mixed, share * targets + (1 - share) * partner_targets
+
+
+def _cutmix_mask(shape: tf.Tensor, share: tf.Tensor, seed: tf.Tensor):
+    """A [1, H, W, 1] mask that is 0 inside a random box covering about 1 - share of the image.
+
+    Returns the mask and the share of the original image that actually remains (boxes are clipped
+    at the border).
+    """
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    ratio = tf.sqrt(1.0 - share)
+    center = tf.random.stateless_uniform([2], seed, 0.0, 1.0) * tf.stack([height, width])
+    half = tf.stack([height, width]) * ratio / 2
+    low, high = tf.maximum(center - half, 0.0), tf.minimum(center + half, tf.stack([height, width]))
+    rows = tf.range(height)[:, tf.newaxis]
+    columns = tf.range(width)[tf.newaxis, :]
+    inside = (rows >= low[0]) & (rows < high[0]) & (columns >= low[1]) & (columns < high[1])
+    mask = 1.0 - tf.cast(inside, tf.float32)
+    return mask[tf.newaxis, :, :, tf.newaxis], tf.reduce_mean(mask)

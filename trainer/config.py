@@ -7,19 +7,24 @@ import sys
 
 from absl import flags
 
+from trainer import recipes
 from trainer.errors import UsageError
 
 MODELS = ("cnn", "resnet50")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step", "onecycle")
 EARLY_STOPPING_MONITORS = ("eval_accuracy", "eval_loss")
 
 # Side length each model sees when --image_size is not given; None keeps the dataset's own.
 DEFAULT_IMAGE_SIZE = {"cnn": None, "resnet50": 224}
 
 FLAGS = flags.FLAGS
+
+flags.DEFINE_enum(
+    "recipe", None, tuple(recipes.RECIPES),
+    "A named group of flag values; flags given explicitly still win. " + recipes.describe())
 
 # Model.
 flags.DEFINE_enum("model", "cnn", MODELS, "Network to train.")
@@ -82,8 +87,20 @@ flags.DEFINE_float("momentum", 0.9, "Momentum for sgd (Nesterov).")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay for adamw and sgd.")
 flags.DEFINE_enum(
     "lr_schedule", "constant", LR_SCHEDULES,
-    "Learning-rate schedule after warmup: constant, or cosine decay to zero.")
+    "Learning-rate schedule of each phase after the warmup: constant; cosine decay to zero; step "
+    "(divide by 10 at 30%, 60% and 90%); onecycle (linear rise, for 20% of the phase without "
+    "--warmup_epochs, then linear decay to zero).")
 flags.DEFINE_float("warmup_epochs", 0.0, "Linear learning-rate warmup from zero, in epochs.")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss (0.1 is typical).")
+flags.DEFINE_float("clip_grad_norm", 0.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+flags.DEFINE_float(
+    "ema_decay", 0.0,
+    "Keep an exponential moving average of the weights with this decay (e.g. 0.999) and use it for "
+    "evaluation, best-weight selection and the export; 0 turns it off.")
+flags.DEFINE_bool(
+    "tta", False,
+    "Flip test-time augmentation: evaluate (and export) the average of the predictions for each image "
+    "and its mirror image.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
 flags.DEFINE_integer(
     "early_stopping_patience", 5,
@@ -110,6 +127,10 @@ flags.DEFINE_bool("random_flip", True, "Random horizontal flips.")
 flags.DEFINE_float(
     "brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
 flags.DEFINE_integer("translate", 0, "Random translation of up to this many pixels (reflect padding); 0 turns it off.")
+flags.DEFINE_float("mixup", 0.0, "Mixup with Beta(alpha, alpha) blending (0.2 is typical); 0 turns it off.")
+flags.DEFINE_float(
+    "cutmix", 0.0, "CutMix with Beta(alpha, alpha) box sizes (1.0 is typical); 0 turns it off. With --mixup, "
+    "each batch uses one of the two.")
 
 # Loop, checkpoints and outputs.
 flags.DEFINE_string(
@@ -128,6 +149,7 @@ flags.DEFINE_integer(
 class Config:
     """Everything a run needs, validated; made by `build_config` or `config_from_flags`."""
 
+    recipe: str | None
     model: str
     weights: str
     image_size: int | None
@@ -153,6 +175,10 @@ class Config:
     weight_decay: float
     lr_schedule: str
     warmup_epochs: float
+    label_smoothing: float
+    clip_grad_norm: float
+    ema_decay: float
+    tta: bool
     seed: int
     early_stopping_patience: int
     early_stopping_monitor: str
@@ -162,6 +188,8 @@ class Config:
     random_flip: bool
     brightness: float
     translate: int
+    mixup: float
+    cutmix: float
     model_dir: str
     steps_per_epoch: int | None
     steps_per_loop: int
@@ -182,6 +210,11 @@ def build_config(**values) -> Config:
     if unknown:
         raise TypeError(f"Unknown config fields: {sorted(unknown)}")
     merged = {name: FLAGS[name].default for name in names}
+    recipe = values.get("recipe")
+    if recipe is not None:
+        if recipe not in recipes.RECIPES:
+            raise UsageError(f"--recipe={recipe} is unknown; choose one of {', '.join(recipes.RECIPES)}.")
+        merged.update(recipes.RECIPES[recipe]["flags"])
     merged.update(values)
     merged["devices"] = tuple(merged["devices"] or ())
     merged["tpu"] = merged["tpu"] or os.environ.get("TPU_NAME") or None
@@ -199,8 +232,10 @@ def build_config(**values) -> Config:
 
 
 def config_from_flags(flag_values=FLAGS) -> Config:
-    """The run configuration the parsed command line asks for."""
-    return build_config(**{field.name: flag_values[field.name].value for field in dataclasses.fields(Config)})
+    """The run configuration the parsed command line asks for: defaults, then the recipe, then the
+    flags given explicitly (on the command line or in a --flagfile)."""
+    return build_config(**{field.name: flag_values[field.name].value for field in dataclasses.fields(Config)
+                           if flag_values[field.name].present or field.name == "recipe"})
 
 
 def default_model_dir(model: str) -> str:
@@ -237,6 +272,11 @@ def validate(config: Config) -> None:
     _require(0 <= config.dropout < 1, f"--dropout={config.dropout} must be in [0, 1).")
     _require(0 <= config.brightness <= 1, f"--brightness={config.brightness} must be in [0, 1].")
     _require(config.translate >= 0, f"--translate={config.translate} must be zero or more pixels.")
+    _require(0 <= config.label_smoothing < 1, f"--label_smoothing={config.label_smoothing} must be in [0, 1).")
+    _require(config.clip_grad_norm >= 0, f"--clip_grad_norm={config.clip_grad_norm} must be zero (off) or more.")
+    _require(0 <= config.ema_decay < 1, f"--ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999.")
+    _require(config.mixup >= 0 and config.cutmix >= 0,
+             f"--mixup={config.mixup} and --cutmix={config.cutmix} must be zero (off) or positive.")
     _require(config.warmup_epochs >= 0, f"--warmup_epochs={config.warmup_epochs} must be zero or more.")
     _require(config.weight_decay >= 0, f"--weight_decay={config.weight_decay} must be zero or more.")
     _require(1 <= config.fine_tune_stages <= 5, f"--fine_tune_stages={config.fine_tune_stages} must be 1 to 5.")

@@ -5,6 +5,7 @@ import os
 import socket
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -113,6 +114,12 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.D
     examples = examples.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)),
                             num_parallel_calls=AUTOTUNE, deterministic=True)
     return examples.cache()
+
+
+def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:
+    """The first `count` images of a split (in its fixed order), as one uint8 array."""
+    images = decoded_examples(builder, split).take(count).map(lambda image, label: image).batch(count)
+    return next(iter(images)).numpy()
 
 
 def _options() -> tf.data.Options:

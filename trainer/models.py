@@ -1,5 +1,6 @@
 """The networks: each takes float 0-255 pixels, preprocesses inside, and returns float32 logits."""
 
+import collections.abc
 import dataclasses
 
 import keras
@@ -64,10 +65,15 @@ class InferenceMode(layers.Layer):
 
 @dataclasses.dataclass
 class Network:
-    """A model plus the pretrained backbone inside it, when it has one."""
+    """A model plus the pretrained backbone inside it, when it has one.
+
+    `fit_to_data`, when set, is called once before a new run trains, with a sample of training
+    images (uint8, [N, H, W, C]); a network uses it to set weights from data statistics.
+    """
 
     model: keras.Model
     backbone: keras.Model | None = None
+    fit_to_data: collections.abc.Callable | None = None
 
 
 def build_cnn(image_shape, num_classes, image_size, dropout, weights) -> Network:
@@ -145,9 +151,15 @@ def unfreeze_top_stages(network: Network, num_stages: int) -> None:
         layer.trainable = layer.name.split("_")[0] in stages
 
 
-def inference_model(model: keras.Model, image_shape) -> keras.Model:
-    """Wraps a logits model into one that takes raw uint8 images and returns probabilities."""
+def inference_model(model: keras.Model, image_shape, tta: bool = False) -> keras.Model:
+    """Wraps a logits model into one that takes raw uint8 images and returns probabilities.
+
+    With `tta`, the probabilities are the average over each image and its mirror image.
+    """
     inputs = keras.Input(shape=tuple(image_shape), dtype="uint8", name="images")
-    logits = model(keras.ops.cast(inputs, "float32"), training=False)
-    probabilities = layers.Softmax(dtype="float32", name="probabilities")(logits)
+    pixels = keras.ops.cast(inputs, "float32")
+    probabilities = layers.Softmax(dtype="float32")(model(pixels, training=False))
+    if tta:
+        mirrored = layers.Softmax(dtype="float32")(model(keras.ops.flip(pixels, axis=2), training=False))
+        probabilities = layers.Average(dtype="float32")([probabilities, mirrored])
     return keras.Model(inputs, probabilities, name=f"{model.name}_inference")

@@ -1,29 +1,40 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers, learning-rate schedules, gradient clipping and the moving average of the weights."""
 
 import math
 
 import keras
 import tensorflow as tf
 
+# Step decay divides the rate by 10 at these fractions of the phase (BiT's HyperRule).
+STEP_DECAY_AT = (0.3, 0.6, 0.9)
+# One-cycle rises for this share of the phase when no warmup is given.
+ONE_CYCLE_RISE = 0.2
+
 
 @keras.saving.register_keras_serializable(package="trainer")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from zero to `peak`, then constant or cosine decay to zero at `total_steps`."""
+    """Linear warmup from zero to `peak`, then constant, cosine, step or linear ("onecycle") decay."""
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
+        if decay == "onecycle" and warmup_steps == 0:
+            warmup_steps = int(ONE_CYCLE_RISE * total_steps)
         self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         peak = tf.constant(self.peak, tf.float32)
-        warmup = tf.maximum(float(self.warmup_steps), 1.0)
         decay_steps = tf.maximum(float(self.total_steps - self.warmup_steps), 1.0)
         progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
         if self.decay == "cosine":
             after_warmup = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        elif self.decay == "step":
+            drops = tf.add_n([tf.cast(progress >= boundary, tf.float32) for boundary in STEP_DECAY_AT])
+            after_warmup = peak * tf.pow(0.1, drops)
+        elif self.decay == "onecycle":
+            after_warmup = peak * (1.0 - progress)
         else:
             after_warmup = peak
-        warming = peak * (step + 1.0) / warmup
+        warming = peak * (step + 1.0) / tf.maximum(float(self.warmup_steps), 1.0)
         return tf.where(step < self.warmup_steps, warming, after_warmup)
 
     def get_config(self):
@@ -33,14 +44,20 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def create_optimizer(name: str, schedule, *, momentum: float, weight_decay: float,
                      precision: str) -> keras.optimizers.Optimizer:
-    """The optimizer for one training phase; float16 gets dynamic loss scaling."""
+    """The optimizer for one training phase; float16 gets dynamic loss scaling.
+
+    Weight decay is decoupled (scaled by the learning rate, not added to the loss) and spares
+    biases and BatchNorm scales and offsets.
+    """
     if name == "sgd":
         optimizer = keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True,
                                          weight_decay=weight_decay or None)
     elif name == "adamw":
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
     else:
-        optimizer = keras.optimizers.Adam(schedule)
+        optimizer = keras.optimizers.Adam(schedule, weight_decay=weight_decay or None)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -49,3 +66,63 @@ def create_optimizer(name: str, schedule, *, momentum: float, weight_decay: floa
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return float(keras.ops.convert_to_numpy(inner.learning_rate))
+
+
+def clip_by_global_norm(gradients: list, clip_norm: float, optimizer: keras.optimizers.Optimizer) -> list:
+    """Clips the global batch's gradient, in replica context, to `clip_norm`.
+
+    Keras optimizers clip each replica's partial gradient before summing across replicas, which
+    is not the global norm. So: sum across replicas here, clip, and hand each replica 1/N of the
+    result, which the optimizer's own cross-replica sum turns back into the clipped gradient.
+    Loss-scaled gradients are unscaled for the norm and scaled back for the optimizer.
+    """
+    context = tf.distribute.get_replica_context()
+    scale = getattr(optimizer, "dynamic_scale", None)
+    scale = tf.cast(scale, tf.float32) if scale is not None else tf.constant(1.0)
+    present = [index for index, gradient in enumerate(gradients) if gradient is not None]
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [gradients[index] / scale for index in present])
+    clipped, _ = tf.clip_by_global_norm(summed, clip_norm)
+    result = list(gradients)
+    for index, gradient in zip(present, clipped):
+        result[index] = gradient * scale / context.num_replicas_in_sync
+    return result
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point weights (BatchNorm statistics included).
+
+    Evaluation, best-weight snapshots and the export use the average instead of the raw weights.
+    The decay ramps up as (1 + n) / (10 + n) over the first updates, so early weights fade fast.
+    """
+
+    def __init__(self, weights: list, decay: float):
+        self.decay = decay
+        self.weights = [weight for weight in weights if weight.dtype in ("float16", "bfloat16", "float32", "float64")]
+        self.averages = [tf.Variable(weight.value, trainable=False) for weight in self.weights]
+        self._raw = [tf.Variable(weight.value, trainable=False) for weight in self.weights]
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def update(self, strategy: tf.distribute.Strategy) -> None:
+        """Folds the current weights in; call in cross-replica context after each step."""
+        count = tf.cast(self.updates.assign_add(1), tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + count) / (10.0 + count))
+        for average, weight in zip(self.averages, self.weights):
+            strategy.extended.update(average, lambda mean, value: mean.assign(mean * decay + value * (1.0 - decay)),
+                                     args=(weight.value,), group=False)
+
+    def swap_in(self) -> None:
+        """Puts the averages into the model, keeping the raw weights aside."""
+        for raw, average, weight in zip(self._raw, self.averages, self.weights):
+            raw.assign(weight.value)
+            weight.assign(average)
+
+    def swap_out(self) -> None:
+        for raw, weight in zip(self._raw, self.weights):
+            weight.assign(raw)
+
+    def reset_to_current(self) -> None:
+        for average, weight in zip(self.averages, self.weights):
+            average.assign(weight.value)
+
+    def checkpoint_objects(self) -> dict:
+        return {"averages": self.averages, "updates": self.updates}

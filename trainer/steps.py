@@ -1,5 +1,6 @@
 """Model, optimizers and metrics of a run, and its compiled, distributed training and evaluation steps."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -66,12 +67,14 @@ class Trainer:
         self.steps_per_epoch = data.training_steps_per_epoch(
             info.num_train_examples, config.batch_size, config.steps_per_epoch)
         self.eval_steps = data.evaluation_steps(info.num_eval_examples, config.batch_size)
-        self.augment_config = augment.AugmentConfig(config.random_flip, config.brightness, config.translate)
+        self.augment_config = augment.AugmentConfig(config.random_flip, config.brightness, config.translate,
+                                                    config.mixup, config.cutmix)
         self.jit_compile = distribution.resolve_jit_compile(config.jit_compile, strategy)
         self._train_examples = builder, config.train_split
         self._eval_examples = builder, config.eval_split
-        self.train_loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
-        self.eval_loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        self.train_loss_fn = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing, reduction=None)
+        self.eval_loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         with strategy.scope():
             self.train_loss = keras.metrics.Mean("train_loss")
             self.train_accuracy = keras.metrics.SparseCategoricalAccuracy("train_accuracy")
@@ -81,6 +84,8 @@ class Trainer:
             # The best epoch's weights live in variables saved with every checkpoint, so every
             # worker can restore them without reading another worker's files.
             self.best_weights = [tf.Variable(weight.value, trainable=False) for weight in self.model.weights]
+            self.average = (optimization.WeightAverage(self.model.weights, config.ema_decay)
+                            if config.ema_decay else None)
         self.state = TrainingState()
         self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
         self._eval_loop = self._make_eval_loop()
@@ -120,8 +125,23 @@ class Trainer:
     def checkpoint_objects(self) -> dict:
         metric_variables = [variable for metric in (self.train_loss, self.train_accuracy)
                             for variable in metric.variables]
-        return {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
-                "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
+        objects = {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
+                   "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
+        if self.average is not None:
+            objects["weight_average"] = self.average.checkpoint_objects()
+        return objects
+
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """The weights evaluation, best-weight snapshots and the export use: the average, if kept."""
+        if self.average is None:
+            yield
+            return
+        self.average.swap_in()
+        try:
+            yield
+        finally:
+            self.average.swap_out()
 
     def weights_fingerprint(self) -> str:
         """A hash of every model weight: equal on all workers when they hold identical models."""
@@ -131,12 +151,16 @@ class Trainer:
         return digest.hexdigest()[:16]
 
     def remember_best_weights(self) -> None:
-        for best, weight in zip(self.best_weights, self.model.weights):
-            best.assign(weight.value)
+        with self.evaluation_weights():
+            for best, weight in zip(self.best_weights, self.model.weights):
+                best.assign(weight.value)
 
     def restore_best_weights(self) -> None:
+        """Puts the best evaluation weights into the model (and the average, so evaluation sees them)."""
         for best, weight in zip(self.best_weights, self.model.weights):
             weight.assign(best)
+        if self.average is not None:
+            self.average.reset_to_current()
 
     # Input.
 
@@ -165,21 +189,29 @@ class Trainer:
 
     def _make_train_loop(self, phase: Phase):
         model, optimizer, variables = self.model, phase.optimizer, phase.variables
-        num_classes, batch_size, seed = self.info.num_classes, self.config.batch_size, self.config.seed
+        num_classes, batch_size, seed_base = self.info.num_classes, self.config.batch_size, self.config.seed
+        clip_norm, average = self.config.clip_grad_norm, self.average
 
         def replica_step(images, labels, step):
-            images = tf.cast(images, tf.float32)
+            images, targets = tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
+            seed = augment.step_seed(seed_base, step)
             if self.augment_config.enabled:
-                images = augment.augment(images, augment.step_seed(seed, step), self.augment_config)
+                images = augment.augment(images, seed, self.augment_config)
+            if self.augment_config.mixes:
+                images, targets = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
+                                              self.augment_config.mixup, self.augment_config.cutmix)
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
-                per_example_loss = self.train_loss_fn(tf.one_hot(labels, num_classes), logits)
+                per_example_loss = self.train_loss_fn(targets, logits)
                 loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=batch_size)
                 scaled_loss = optimizer.scale_loss(loss)
             gradients = tape.gradient(scaled_loss, variables)
+            if clip_norm:
+                gradients = optimization.clip_by_global_norm(gradients, clip_norm, optimizer)
             optimizer.apply_gradients(zip(gradients, variables))
             self.train_loss.update_state(per_example_loss)
-            self.train_accuracy.update_state(labels, logits)
+            # With mixed targets, accuracy counts the label that dominates the mix.
+            self.train_accuracy.update_state(tf.argmax(targets, axis=-1), logits)
             return loss
 
         # Without XLA the step is traced inline into the loop; with it, it is its own compiled cluster.
@@ -193,19 +225,25 @@ class Trainer:
                 step = first_step + tf.cast(index, tf.int64)
                 replica_losses = self.strategy.run(compiled_step, args=(images, labels, step))
                 losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, replica_losses, None))
+                if average is not None:
+                    average.update(self.strategy)
             return losses.stack()
 
         return train_loop
 
     def _make_eval_loop(self):
-        model = self.model
+        model, tta = self.model, self.config.tta
 
         def replica_step(images, labels):
-            logits = model(tf.cast(images, tf.float32), training=False)
+            images = tf.cast(images, tf.float32)
+            probabilities = tf.nn.softmax(model(images, training=False))
+            if tta:
+                mirrored = tf.nn.softmax(model(tf.image.flip_left_right(images), training=False))
+                probabilities = (probabilities + mirrored) / 2
             weights = tf.cast(labels != data.PADDING_LABEL, tf.float32)
             labels = tf.maximum(labels, 0)
-            self.eval_loss.update_state(self.eval_loss_fn(labels, logits), sample_weight=weights)
-            self.eval_accuracy.update_state(labels, logits, sample_weight=weights)
+            self.eval_loss.update_state(self.eval_loss_fn(labels, probabilities), sample_weight=weights)
+            self.eval_accuracy.update_state(labels, probabilities, sample_weight=weights)
 
         compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
 
@@ -218,9 +256,11 @@ class Trainer:
         return eval_loop
 
     def evaluate(self) -> dict:
+        """Loss and accuracy on the evaluation split, with the evaluation weights."""
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
-        self._eval_loop(iter(self._eval_dataset), tf.constant(self.eval_steps))
+        with self.evaluation_weights():
+            self._eval_loop(iter(self._eval_dataset), tf.constant(self.eval_steps))
         return {"eval_loss": float(self.eval_loss.result()), "eval_accuracy": float(self.eval_accuracy.result())}
 
     def train_steps(self, phase: Phase, iterator, num_steps: int) -> np.ndarray:

@@ -25,6 +25,10 @@ from trainer.steps import Trainer
 from trainer.steps import check_batch_size
 
 
+# Training images shown to a network that sets weights from data statistics (see models.Network).
+DATA_FIT_SAMPLE = 5000
+
+
 def run(config: Config) -> dict:
     """Trains, evaluates and exports as `config` says, resuming from model_dir; returns the metrics."""
     started = time.monotonic()
@@ -50,6 +54,8 @@ def run(config: Config) -> dict:
             network = models.build(config.model, image_shape=info.image_shape, num_classes=info.num_classes,
                                    image_size=config.image_size, dropout=config.dropout,
                                    weights="none" if resuming else config.weights)
+        if network.fit_to_data is not None and not resuming:
+            network.fit_to_data(data.sample_images(builder, config.train_split, DATA_FIT_SAMPLE))
         trainer = Trainer(config, strategy, network, info, builder, precision)
         if chief and not resuming:
             storage.write_json(paths.config_file, config.to_dict())
@@ -205,7 +211,9 @@ class _Loop:
         fingerprint = trainer.weights_fingerprint()
         logging.info("Final weights fingerprint %s.", fingerprint)
         export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
-        export.export_model(trainer.model, trainer.info.image_shape, trainer.info.class_names, export_dir)
+        with trainer.evaluation_weights():
+            export.export_model(trainer.model, trainer.info.image_shape, trainer.info.class_names, export_dir,
+                                tta=config.tta)
         if not self.chief:
             tf.io.gfile.rmtree(export_dir)
             return {}
