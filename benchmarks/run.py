@@ -30,8 +30,8 @@ import tensorflow as tf  # noqa: E402
 
 from trainer import data  # noqa: E402
 from trainer import distribution  # noqa: E402
-from trainer import models  # noqa: E402
 from trainer import progress  # noqa: E402
+from trainer import train  # noqa: E402
 from trainer.steps import Trainer  # noqa: E402
 
 SECTIONS = ("pipeline", "throughput", "fit", "accuracy")
@@ -81,13 +81,9 @@ def make_trainer(model: str, precision: str, augment: bool, **overrides) -> Trai
         model=model, data_dir=FLAGS.data_dir, precision=precision, batch_size=BATCH_SIZE, epochs=100,
         random_flip=augment, brightness=0.2 if augment else 0.0, model_dir="/tmp/unused", **overrides)
     strategy = distribution.create_strategy(config)
-    keras.mixed_precision.set_dtype_policy(distribution.resolve_precision(config, strategy))
-    builder = data.load_builder(config.dataset, config.data_dir)
-    info = data.dataset_info(builder, config.train_split, config.eval_split)
-    with strategy.scope():
-        network = models.build(config.model, image_shape=info.image_shape, num_classes=info.num_classes,
-                               image_size=config.image_size, dropout=config.dropout, weights=config.weights)
-    return Trainer(config, strategy, network, info, builder, keras.mixed_precision.dtype_policy().name)
+    precision = distribution.resolve_precision(config, strategy)
+    keras.mixed_precision.set_dtype_policy(precision)
+    return train.build_trainer(config, strategy, precision)
 
 
 def synthetic_iterator(trainer: Trainer):

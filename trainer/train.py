@@ -46,17 +46,7 @@ def run(config: Config) -> dict:
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(precision)
     try:
-        keras.utils.set_random_seed(config.seed)
-        builder = data.load_builder(config.dataset, config.data_dir)
-        info = data.dataset_info(builder, config.train_split, config.eval_split)
-        # A checkpoint overwrites the initial weights, so a resumed run need not fetch them again.
-        with strategy.scope():
-            network = models.build(config.model, image_shape=info.image_shape, num_classes=info.num_classes,
-                                   image_size=config.image_size, dropout=config.dropout,
-                                   weights="none" if resuming else config.weights)
-        if network.fit_to_data is not None and not resuming:
-            network.fit_to_data(data.sample_images(builder, config.train_split, DATA_FIT_SAMPLE))
-        trainer = Trainer(config, strategy, network, info, builder, precision)
+        trainer = build_trainer(config, strategy, precision, fresh=not resuming)
         if chief and not resuming:
             storage.write_json(paths.config_file, config.to_dict())
         # Only the chief uploads; it does so after every checkpoint and at the end.
@@ -72,6 +62,24 @@ def run(config: Config) -> dict:
         raise
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def build_trainer(config: Config, strategy: tf.distribute.Strategy, precision: str, fresh: bool = True) -> Trainer:
+    """The data, the network and its Trainer under `strategy`, with the dtype policy already set.
+
+    A fresh network gets its initial weights (ImageNet or a file, and any fit to the data); a run
+    that will restore a checkpoint skips them, since the checkpoint overwrites them.
+    """
+    keras.utils.set_random_seed(config.seed)
+    builder = data.load_builder(config.dataset, config.data_dir)
+    info = data.dataset_info(builder, config.train_split, config.eval_split)
+    with strategy.scope():
+        network = models.build(config.model, image_shape=info.image_shape, num_classes=info.num_classes,
+                               image_size=config.image_size, dropout=config.dropout,
+                               weights=config.weights if fresh else "none")
+    if network.fit_to_data is not None and fresh:
+        network.fit_to_data(data.sample_images(builder, config.train_split, DATA_FIT_SAMPLE))
+    return Trainer(config, strategy, network, info, builder, precision)
 
 
 class _Loop:
@@ -228,6 +236,10 @@ class _Loop:
             "num_parameters": int(trainer.model.count_params()), "precision": precision,
             "strategy": type(trainer.strategy).__name__, "num_replicas": trainer.num_replicas,
             "flags": config.to_dict(), "weights_fingerprint": fingerprint,
+            "phases": [{"name": phase.name, "epochs": [phase.first_epoch + 1, phase.end_epoch],
+                        "trainable_variables": len(phase.variables),
+                        "trainable_parameters": int(sum(np.prod(variable.shape) for variable in phase.variables))}
+                       for phase in trainer.phases],
         }
         reports.write_metrics(self.paths.metrics_file, metrics)
         reports.plot_history(self.paths.history_plot, history, self._title())

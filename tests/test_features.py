@@ -1,0 +1,137 @@
+"""Training features: schedules, weight decay, clipping across replicas, EMA, TTA, recipes, fine-tuning."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_config
+from trainer import config as config_lib
+from trainer import models
+from trainer import optimization
+from trainer import train
+
+
+def learning_rates(decay, warmup=0, total=100, peak=1.0):
+    schedule = optimization.WarmupSchedule(peak, warmup_steps=warmup, total_steps=total, decay=decay)
+    return np.array([float(schedule(step)) for step in range(total)])
+
+
+def test_schedules_warm_up_then_decay_as_named():
+    constant = learning_rates("constant", warmup=10)
+    assert constant[0] == pytest.approx(0.1) and constant[9] == pytest.approx(1.0) and constant[-1] == 1.0
+    cosine = learning_rates("cosine", warmup=10)
+    assert cosine[10] == pytest.approx(1.0) and cosine[55] == pytest.approx(0.5, abs=0.02) and cosine[-1] < 0.01
+    step = learning_rates("step")
+    assert step[29] == 1.0 and step[30] == pytest.approx(0.1) and step[60] == pytest.approx(0.01)
+    assert step[95] == pytest.approx(0.001)
+    onecycle = learning_rates("onecycle")
+    assert np.argmax(onecycle) == 19 and onecycle[-1] < 0.02
+    assert np.all(np.diff(onecycle[:20]) > 0) and np.all(np.diff(onecycle[20:]) < 0)
+
+
+def test_decoupled_weight_decay_shrinks_kernels_and_spares_biases():
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    layer.bias.assign(np.ones(3, np.float32))
+    kernel = layer.kernel.numpy().copy()
+    optimizer = optimization.create_optimizer("sgd", 0.1, momentum=0.0, weight_decay=0.5, precision="float32")
+    optimizer.apply_gradients([(tf.zeros_like(variable.value), variable) for variable in layer.trainable_variables])
+    np.testing.assert_allclose(layer.kernel.numpy(), kernel * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(layer.bias.numpy(), np.ones(3))
+
+
+def test_weight_average_follows_its_formula_and_swaps_in_and_out():
+    layer = keras.layers.Dense(2)
+    layer.build((None, 2))
+    start = layer.kernel.numpy().copy()
+    average = optimization.WeightAverage(layer.weights, decay=0.9)
+    layer.kernel.assign(start + 1.0)
+    average.update(tf.distribute.get_strategy())
+    decay = min(0.9, 2 / 11)  # The warm-up ramp after one update.
+    np.testing.assert_allclose(average.averages[0].numpy(), start * decay + (start + 1.0) * (1 - decay), rtol=1e-6)
+    average.swap_in()
+    np.testing.assert_allclose(layer.kernel.numpy(), average.averages[0].numpy())
+    average.swap_out()
+    np.testing.assert_allclose(layer.kernel.numpy(), start + 1.0)
+
+
+def test_tta_export_averages_the_image_and_its_mirror():
+    model = models.build("cnn", image_shape=(32, 32, 3), num_classes=10, image_size=None, dropout=0.0,
+                         weights="none").model
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    plain = models.inference_model(model, (32, 32, 3))(images).numpy()
+    mirrored = models.inference_model(model, (32, 32, 3))(images[:, :, ::-1]).numpy()
+    tta = models.inference_model(model, (32, 32, 3), tta=True)(images).numpy()
+    np.testing.assert_allclose(tta, (plain + mirrored) / 2, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(plain, mirrored)
+
+
+def test_ema_and_tta_change_what_evaluation_sees(cifar_dir, tmp_path):
+    config = make_config(cifar_dir, tmp_path, steps_per_epoch=6, ema_decay=0.99, tta=True)
+    strategy = tf.distribute.get_strategy()
+    trainer = train.build_trainer(config, strategy, "float32")
+    phase = trainer.phases[0]
+    trainer.train_steps(phase, trainer.training_iterator(phase), 6)
+    with_average = trainer.evaluate()
+    trainer.average = None  # Evaluate the raw weights instead.
+    raw = trainer.evaluate()
+    assert with_average["eval_loss"] != pytest.approx(raw["eval_loss"], rel=1e-4)
+
+
+def test_gradient_clipping_clips_the_global_gradient_under_every_strategy(cifar_dir, tmp_path):
+    common = dict(dropout=0.0, random_flip=False, brightness=0.0, steps_per_epoch=4, seed=5, optimizer="sgd",
+                  learning_rate=0.05, momentum=0.0)
+    runs = {}
+    for name, overrides in (("default", dict(strategy="default", clip_grad_norm=0.05)),
+                            ("mirrored", dict(strategy="mirrored", cpu_devices=2, clip_grad_norm=0.05)),
+                            ("unclipped", dict(strategy="default"))):
+        train.run(make_config(cifar_dir, tmp_path / name, **common, **overrides))
+        path = tf.train.latest_checkpoint(str(tmp_path / name / "checkpoints"))
+        reader = tf.train.load_checkpoint(path)
+        runs[name] = np.concatenate([reader.get_tensor(key).ravel() for key, _ in tf.train.list_variables(path)
+                                     if key.startswith("model/") and "OPTIMIZER" not in key])
+    clipped_difference = np.abs(runs["mirrored"] - runs["default"]).max()
+    unclipped_difference = np.abs(runs["unclipped"] - runs["default"]).max()
+    assert clipped_difference < 1e-4 < unclipped_difference
+    assert unclipped_difference > 100 * clipped_difference
+
+
+def test_every_feature_at_once_trains_under_mirrored(cifar_dir, tmp_path):
+    metrics = train.run(make_config(
+        cifar_dir, tmp_path, strategy="mirrored", cpu_devices=2, steps_per_epoch=4, epochs=2, optimizer="sgd",
+        learning_rate=0.05, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1,
+        mixup=0.2, cutmix=1.0, translate=2, ema_decay=0.9, clip_grad_norm=1.0, tta=True,
+        early_stopping_patience=1))
+    assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_loss"])
+    assert all(np.isfinite(entry["train_loss"]) for entry in metrics["history"])
+    assert os.path.exists(tmp_path / "export" / "saved_model.pb")
+
+
+def test_recipes_set_their_flags_and_explicit_flags_win():
+    config = config_lib.build_config(recipe="seed", model_dir="unused")
+    assert (config.model, config.optimizer, config.epochs, config.early_stopping_patience) == ("cnn", "adam", 10, 5)
+    assert config.random_flip and config.brightness > 0
+    tuned = config_lib.build_config(recipe="finetune", epochs=3, model_dir="unused")
+    assert (tuned.model, tuned.weights, tuned.epochs, tuned.fine_tune_stages) == ("resnet50", "imagenet", 3, 5)
+
+
+def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(cifar_dir, tmp_path):
+    config = make_config(cifar_dir, tmp_path, recipe="finetune", weights="none", image_size=32, batch_size=16,
+                         epochs=1, fine_tune_epochs=1, train_split="train[:64]", eval_split="test[:16]")
+    trainer = train.build_trainer(config, tf.distribute.get_strategy(), "float32")
+    head, everything = trainer.phases
+    assert (head.name, everything.name) == ("train", "fine_tune")
+    assert len(head.variables) == 4 and len(everything.variables) > 100
+    everything.set_trainable()
+    backbone = trainer.network.backbone
+    statistics = [layer.moving_mean for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    first_kernel = backbone.get_layer("conv1_conv").kernel
+    before = first_kernel.numpy().copy()
+    trainer.state.epoch.assign(1)  # Start of the fine-tuning phase.
+    trainer.train_steps(everything, trainer.training_iterator(everything), 2)
+    assert not np.allclose(first_kernel.numpy(), before)  # The whole backbone trains...
+    # ...but a fresh backbone's zero means would have moved under training-mode BatchNorm.
+    assert statistics and all(np.all(mean.numpy() == 0) for mean in statistics)
