@@ -1,6 +1,7 @@
 """Device-side augmentation: each transform does what it says, per image, reproducibly."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer import augment
@@ -51,3 +52,42 @@ def test_same_seed_same_augmentation_and_new_seed_new_augmentation():
     first = augment.augment(images, seed(1), config).numpy()
     np.testing.assert_array_equal(first, augment.augment(images, seed(1), config).numpy())
     assert not np.array_equal(first, augment.augment(images, seed(2), config).numpy())
+
+
+def test_mixup_blends_images_and_targets_in_the_same_proportion():
+    # Image i is filled with the value i and is the only one of class i, so every blend is readable.
+    images = tf.constant(np.broadcast_to(np.arange(32, dtype=np.float32)[:, None, None, None], (32, 4, 4, 3)).copy())
+    targets = tf.one_hot(tf.range(32), 32)
+    mixed, mixed_targets = augment.mix(images, targets, seed(3), mixup_alpha=0.4, cutmix_alpha=0.0)
+    mixed, mixed_targets = mixed.numpy(), mixed_targets.numpy()
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(mixed[:, 0, 0, 0], mixed_targets @ np.arange(32), rtol=1e-5)
+    assert np.all(mixed == mixed[:, :1, :1, :1])  # A uniform blend, not a pasted box.
+    assert np.count_nonzero(mixed_targets > 1e-6) > 32  # Some images really got a partner.
+
+
+def test_cutmix_pastes_a_box_whose_area_matches_the_target_weights():
+    images = tf.zeros((16, 16, 16, 1))
+    partner_marker = tf.ones((16, 16, 16, 1))
+    # Two halves: real images are 0, so a pasted partner shows up as 1 only if it comes from the marked half.
+    batch = tf.concat([images[:8], partner_marker[:8]], axis=0)
+    targets = tf.one_hot(tf.concat([tf.zeros(8, tf.int32), tf.ones(8, tf.int32)], axis=0), 2)
+    mixed, mixed_targets = augment.mix(batch, targets, seed(7), mixup_alpha=0.0, cutmix_alpha=1.0)
+    mixed, mixed_targets = mixed.numpy(), mixed_targets.numpy()
+    for index in range(16):
+        own_class = 0 if index < 8 else 1
+        pasted_area = np.mean(mixed[index] != (0.0 if own_class == 0 else 1.0))
+        other_weight = mixed_targets[index, 1 - own_class]
+        assert pasted_area == pytest.approx(other_weight, abs=1e-6)
+    assert any(mixed_targets[index].max() < 1.0 for index in range(16))
+
+
+def test_with_mixup_and_cutmix_each_batch_uses_one_of_them():
+    images = tf.constant(np.random.default_rng(1).uniform(0, 255, (8, 8, 8, 3)).astype(np.float32))
+    targets = tf.one_hot(tf.range(8), 8)
+    kinds = set()
+    for value in range(20):
+        mixed, _ = augment.mix(images, targets, seed(value), mixup_alpha=0.5, cutmix_alpha=1.0)
+        pixels_from_one_image = np.mean(np.isin(mixed.numpy(), images.numpy()))
+        kinds.add("cutmix" if pixels_from_one_image > 0.99 else "mixup")
+    assert kinds == {"cutmix", "mixup"}
