@@ -47,3 +47,13 @@ def test_missing_bucket_fails_in_one_line_before_training(cifar_dir, gcs_bucket,
     line = single_error_line(result)
     assert "bucket gs://no-such-bucket does not exist" in line
     assert "Phase train" not in result.stderr and time.monotonic() - began < 60
+
+
+def test_results_tools_read_and_write_a_gs_run(cifar_dir, gcs_bucket):
+    from trainer import evaluate
+
+    model_dir = f"gs://{gcs_bucket}/runs/evaluated"
+    metrics = train.run(make_config(cifar_dir, model_dir, steps_per_epoch=2, epochs=1))
+    results = evaluate.evaluate_run(model_dir)
+    assert results["accuracy"] == metrics["test_accuracy"]
+    assert {"evaluation.json", "confusion_matrix.png"} <= set(bucket_files(gcs_bucket, "runs/evaluated"))

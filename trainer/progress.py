@@ -56,3 +56,36 @@ class Progress:
             "%.1fs  ETA %s", epoch + 1, self.total_epochs, metrics["train_loss"], metrics["train_accuracy"],
             metrics["eval_loss"], metrics["eval_accuracy"], f"{metrics['images_per_second']:,.0f}", seconds,
             format_duration(eta))
+
+
+class ImageProgress:
+    """Images done of a total, with images/s and ETA: a bar on a terminal, else a log line every 10 s."""
+
+    def __init__(self, total: int, verb: str, stream=None):
+        self.total, self.verb, self.done = total, verb, 0
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.started = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / seconds
+        eta = format_duration((self.total - self.done) / max(rate, 1e-9))
+        if self.interactive:
+            width = 30
+            bar = "=" * int(width * self.done / self.total)
+            self.stream.write(f"\r{self.verb} [{bar:.<{width}}] {self.done:,}/{self.total:,} images  "
+                              f"{rate:,.0f} img/s  ETA {eta} ")
+            self.stream.flush()
+        else:
+            logging.log_every_n_seconds(logging.INFO, "%s %s/%s images  %s img/s  ETA %s", 10, self.verb,
+                                        f"{self.done:,}", f"{self.total:,}", f"{rate:,.0f}", eta)
+
+    def close(self) -> None:
+        if self.interactive:
+            self.stream.write("\r" + " " * 90 + "\r")
+            self.stream.flush()
+        seconds = time.monotonic() - self.started
+        logging.info("%s %s images in %.1fs (%s img/s).", self.verb, f"{self.done:,}", seconds,
+                     f"{self.done / max(seconds, 1e-9):,.0f}")

@@ -1,12 +1,14 @@
-"""What a finished run reports: metrics.json and the notebook's accuracy and loss charts."""
+"""What a finished run reports: metrics.json, the notebook's accuracy and loss charts, and the results tools' charts."""
 
 import os
 import tempfile
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # Training machines have no display.
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from trainer import storage  # noqa: E402
 
@@ -32,6 +34,69 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
         axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
+    directory = os.path.dirname(path) or "."
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".png", delete=False) as file:
+        figure.savefig(file, dpi=100, format="png")
+    plt.close(figure)
+    storage.publish(file.name, path)
+
+
+def plot_confusion_matrix(path: str, confusion, class_names, title: str) -> None:
+    """A heat map of the confusion matrix: colour is the share of the true class, text the count."""
+    confusion = np.asarray(confusion)
+    num_classes = len(class_names)
+    support = confusion.sum(axis=1, keepdims=True)
+    shares = confusion / np.maximum(support, 1)
+    side = min(4 + 0.6 * num_classes, 24)
+    figure, axes = plt.subplots(figsize=(side + 1.5, side))
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    colorbar.set_label("share of the true class")
+    # Beyond ~30 classes the counts no longer fit in their cells; the colours still tell the story.
+    if num_classes <= 30:
+        font_size = 9 if num_classes <= 12 else 7
+        for true, predicted in np.ndindex(confusion.shape):
+            axes.text(predicted, true, f"{confusion[true, predicted]:,}", ha="center", va="center",
+                      fontsize=font_size, color="white" if shares[true, predicted] > 0.5 else "black")
+    label_size = 9 if num_classes <= 30 else 6
+    axes.set_xticks(range(num_classes), class_names, rotation=45, ha="right", fontsize=label_size)
+    axes.set_yticks(range(num_classes), [f"{name} ({int(count):,})" for name, count in zip(class_names, support[:, 0])],
+                    fontsize=label_size)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class (examples)")
+    axes.set_title(title)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_runs(path: str, panels: dict[str, dict[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
+              title: str) -> None:
+    """Curves of several runs overlaid, one panel per entry of `panels` (e.g. train and eval).
+
+    `panels` maps a panel title to {run name: [(x, y), ...]}; a run keeps its colour in every panel.
+    """
+    runs = list(dict.fromkeys(name for curves in panels.values() for name in curves))
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4), squeeze=False,
+                                    sharey=True)
+    for axes, (panel, curves) in zip(all_axes[0], panels.items()):
+        for name, points in curves.items():
+            if points:
+                xs, ys = zip(*points)
+                axes.plot(xs, ys, "o-" if len(points) <= 30 else "-", markersize=4,
+                          color=f"C{runs.index(name) % 10}", label=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel(xlabel)
+        axes.set_title(panel)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    all_axes[0][0].set_ylabel(ylabel)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def _save_png(figure, path: str) -> None:
+    """Writes the figure atomically, so a reader never sees half a PNG."""
     directory = os.path.dirname(path) or "."
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".png", delete=False) as file:
         figure.savefig(file, dpi=100, format="png")

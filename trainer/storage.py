@@ -5,15 +5,18 @@ import json
 import os
 import posixpath
 import tempfile
+from typing import TYPE_CHECKING
 
 from trainer import gcs
-from trainer.config import Config
 from trainer.errors import UsageError
+
+if TYPE_CHECKING:  # Importing trainer.config defines the trainer's flags; the results tools must not.
+    from trainer.config import Config
 
 # Flags that may change between a run and its resumption: they move or speed up the same
 # computation. Any other difference would silently change what the checkpoint is resumed into.
 RESUMABLE_CHANGES = frozenset({
-    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "communication", "collective_timeout",
+    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "profile_steps", "communication", "collective_timeout",
     "heartbeat_timeout", "steps_per_loop", "checkpoint_steps",
     "data_dir", "model_dir", "epochs", "fine_tune_epochs", "early_stopping_patience", "eval_split",
 })
@@ -75,6 +78,10 @@ def open_run(model_dir: str, task_id: int) -> tuple[RunPaths, gcs.Mirror | None]
     return paths, mirror
 
 
+# Downloaded gs:// runs of this process, by model_dir, so files a tool adds can be sent back.
+_COPIES: dict[str, gcs.Mirror] = {}
+
+
 def local_copy(model_dir: str) -> str:
     """A local directory holding a finished run's files, downloading them when model_dir is gs://."""
     if not gcs.is_gcs(model_dir):
@@ -83,7 +90,13 @@ def local_copy(model_dir: str) -> str:
     mirror.preflight(write=False)
     mirror.restore()
     mirror.download_tree("export", paths.export_dir)
+    _COPIES[model_dir] = mirror
     return paths.model_dir
+
+
+def upload_copy(model_dir: str) -> None:
+    """Sends the files added to a local copy made by `local_copy` back to its gs:// run."""
+    _COPIES[model_dir].upload()
 
 
 def prepare_model_dir(paths: RunPaths) -> None:
@@ -98,7 +111,7 @@ def prepare_model_dir(paths: RunPaths) -> None:
                          "give a directory you can write to.") from error
 
 
-def check_resume(paths: RunPaths, config: Config) -> bool:
+def check_resume(paths: RunPaths, config: "Config") -> bool:
     """Whether the run resumes a checkpoint; refuses to resume one under different flags.
 
     config.json is written only once the run has started, so a run that failed before its
@@ -116,7 +129,7 @@ def has_checkpoint(paths: RunPaths) -> bool:
     return os.path.exists(os.path.join(paths.checkpoint_dir, "checkpoint"))
 
 
-def check_resumable(previous: dict, config: Config, model_dir: str) -> None:
+def check_resumable(previous: dict, config: "Config", model_dir: str) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the file.
     changed = [f"--{name}={previous.get(name)!r} before, {value!r} now" for name, value in current.items()
                if name not in RESUMABLE_CHANGES and previous.get(name) != value]

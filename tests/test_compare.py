@@ -1,0 +1,100 @@
+"""trainer.compare on two tiny runs: the Markdown table, the charts it links, curves from TensorBoard, bad input."""
+
+import json
+import re
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import make_config
+from trainer import compare
+from trainer import train
+
+
+@pytest.fixture(scope="module")
+def two_runs(cifar_dir, tmp_path_factory):
+    """Two runs that differ in epochs and dropout: {name: (directory, metrics)}; "long" logs twice per epoch."""
+    root = tmp_path_factory.mktemp("compare")
+    runs = {}
+    for name, overrides in (("long", dict(epochs=2, steps_per_loop=2)), ("short", dict(epochs=1, dropout=0.2))):
+        runs[name] = root / name, train.run(make_config(cifar_dir, root / name, steps_per_epoch=4, **overrides))
+    return runs
+
+
+def run_compare(capsys, *argv: str) -> tuple[int, str, list[str]]:
+    """The command line, in this process: (exit status, stdout, the stderr lines that report errors)."""
+    with pytest.raises(SystemExit) as exit_info:
+        compare.run_main(compare.parse_flags(["trainer.compare", *argv]))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.out, [line for line in captured.err.splitlines() if line.startswith("error:")]
+
+
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The results table as {run: {column: cell}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row["run"]: row for row in rows}
+
+
+def test_report_tables_both_runs_and_links_the_charts(two_runs, tmp_path, capsys):
+    output = tmp_path / "report"
+    status, out, errors = run_compare(capsys, *(str(directory) for directory, _ in two_runs.values()),
+                                      f"--output={output}")
+    assert status == 0 and errors == []
+    markdown = (output / "README.md").read_text()
+    rows = table_rows(markdown.split("\n## ")[0])
+    assert set(rows) == {"long", "short"}
+    for name, (_, metrics) in two_runs.items():
+        assert rows[name]["test accuracy"].strip("*") == f"{metrics['test_accuracy']:.4f}"
+        assert rows[name]["test loss"] == f"{metrics['test_loss']:.4f}"
+        assert rows[name]["epochs"] == str(metrics["epochs_completed"])
+        assert rows[name]["model"] == "cnn" and rows[name]["parameters"] == f"{metrics['num_parameters']:,}"
+    assert table_rows(out) == rows  # The same table on stdout.
+    charts = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert set(charts) == {"accuracy.png", "loss.png", "train_loss_steps.png"}
+    for chart in charts:
+        with Image.open(output / chart) as image:
+            assert image.format == "PNG" and min(image.size) >= 400
+            image.verify()
+    differing = re.findall(r"^\| `--(\w+)` \| `([^`]*)` \| `([^`]*)` \|$", markdown, re.MULTILINE)
+    assert ("epochs", "2", "1") in differing and ("dropout", "0.5", "0.2") in differing
+    assert not any(name in ("model_dir", "data_dir") for name, *_ in differing)
+
+
+def test_epoch_curves_come_from_the_tensorboard_logs_and_metrics_when_logs_are_gone(two_runs, tmp_path):
+    directory, metrics = two_runs["long"]
+    run = compare.read_run(str(directory), "long")
+    for curve in compare.EPOCH_TAGS:
+        expected = [(entry["epoch"], entry[curve]) for entry in metrics["history"]]
+        assert run.epoch_curves[curve] == [(epoch, pytest.approx(value, rel=1e-6)) for epoch, value in expected]
+    # A training-loss point per loop of 2 steps, 4 steps making an epoch.
+    assert [epoch for epoch, _ in run.step_losses] == [0.5, 1.0, 1.5, 2.0] and run.wall_seconds > 0
+    shutil.copytree(directory, tmp_path / "long", ignore=shutil.ignore_patterns("logs"))
+    without_logs = compare.read_run(str(tmp_path / "long"), "long")
+    assert without_logs.epoch_curves["eval_accuracy"] == [(entry["epoch"], entry["eval_accuracy"])
+                                                         for entry in metrics["history"]]
+    assert without_logs.step_losses == [] and without_logs.wall_seconds is None
+
+
+def test_a_directory_without_metrics_is_one_error_line(two_runs, tmp_path, capsys):
+    directory, _ = two_runs["long"]
+    status, out, errors = run_compare(capsys, str(directory), str(tmp_path), f"--output={tmp_path / 'report'}")
+    assert status == 2 and errors == [f"error: {tmp_path} has no metrics.json; give the --model_dir of a finished "
+                                      "run of trainer.task."]
+    assert not out and not (tmp_path / "report").exists()
+    status, _, errors = run_compare(capsys, str(directory))
+    assert status == 2 and errors == ["error: --output is required: the directory to write the report into."]
+
+
+def test_a_recipe_column_appears_when_a_run_has_one(two_runs, tmp_path):
+    directory, metrics = two_runs["short"]
+    shutil.copytree(directory, tmp_path / "recipe")
+    (tmp_path / "recipe" / "metrics.json").write_text(json.dumps({**metrics, "flags": {**metrics["flags"],
+                                                                                        "recipe": "notebook"}}))
+    runs = [compare.read_run(str(two_runs["long"][0]), "long"), compare.read_run(str(tmp_path / "recipe"), "recipe")]
+    rows = table_rows("\n".join(compare.results_table(runs)))
+    assert rows["recipe"]["recipe"] == "notebook" and rows["long"]["recipe"] == "-"
+    assert "recipe" not in table_rows("\n".join(compare.results_table(runs[:1])))["long"]

@@ -1,0 +1,154 @@
+"""trainer.evaluate on a tiny trained run: metrics.json's accuracy, the checkpoint-only path, flip TTA, its outputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from conftest import make_config
+from trainer import evaluate
+from trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    return model_dir, train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4))
+
+
+def run_evaluate(capsys, *argv: str) -> tuple[int, str, str]:
+    """The command line, in this process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.run_main(evaluate.parse_flags(["trainer.evaluate", *argv]))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def export_predictions(model_dir, cifar_dir: str, split: str, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels computed straight from TFDS and the SavedModel, as a user of the export would."""
+    exported = tf.saved_model.load(str(model_dir / "export"))
+    images, labels = map(np.stack, zip(*tfds.as_numpy(tfds.load("cifar10", split=split, data_dir=cifar_dir,
+                                                                 as_supervised=True, shuffle_files=False))))
+    probabilities = exported.serve(images).numpy()
+    if flip:
+        probabilities = (probabilities + exported.serve(images[:, :, ::-1]).numpy()) / 2
+    return probabilities, labels
+
+
+def test_command_line_reports_the_runs_test_accuracy_and_writes_its_files(trained_run, capsys):
+    model_dir, metrics = trained_run
+    status, out, _ = run_evaluate(capsys, f"--model_dir={model_dir}")
+    assert status == 0
+    results = json.loads((model_dir / "evaluation.json").read_text())
+    assert results["split"] == metrics["eval_split"] == "test[:256]" and results["num_examples"] == 256
+    assert results["accuracy"] == metrics["test_accuracy"]
+    assert results["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    assert results["accuracy"] <= results["top5_accuracy"] <= 1
+    assert f"accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}" in out
+    header, *table_rows = [line.split() for line in out.split("\n\n")[1].splitlines()]
+    assert header == ["class", "examples", "accuracy", "precision", "recall", "f1"]
+    assert [row[0] for row in table_rows] == metrics["class_names"]
+    assert sum(int(row[1]) for row in table_rows) == 256
+    confused = out.split("\n\n")[-1].splitlines()[1:]
+    assert len(confused) == len(results["most_confused"]) == 10
+    first = results["most_confused"][0]
+    assert confused[0].split()[:4] == [first["true"], "->", first["predicted"], str(first["count"])]
+    with Image.open(model_dir / "confusion_matrix.png") as image:
+        assert image.format == "PNG" and min(image.size) >= 500
+        image.verify()
+
+
+def test_confusion_matrix_and_per_class_metrics_match_the_exports_predictions(trained_run, cifar_dir):
+    model_dir, _ = trained_run
+    results = evaluate.evaluate_run(str(model_dir))
+    probabilities, labels = export_predictions(model_dir, cifar_dir, "test[:256]")
+    predictions = probabilities.argmax(axis=1)
+    confusion = np.array(results["confusion_matrix"])
+    expected = np.zeros((10, 10), int)
+    np.add.at(expected, (labels, predictions), 1)
+    np.testing.assert_array_equal(confusion, expected)  # Rows are true classes, columns predictions.
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    assert results["top5_accuracy"] == pytest.approx(np.mean((top5 == labels[:, None]).any(axis=1)))
+    for index, entry in enumerate(results["classes"]):
+        assert entry["examples"] == np.sum(labels == index)
+        assert entry["recall"] == entry["accuracy"] == pytest.approx(np.mean(predictions[labels == index] == index))
+        if np.any(predictions == index):
+            assert entry["precision"] == pytest.approx(np.mean(labels[predictions == index] == index))
+        else:
+            assert entry["precision"] is None
+    off_diagonal = sorted((expected - np.diag(np.diag(expected))).ravel(), reverse=True)[:10]
+    assert [pair["count"] for pair in results["most_confused"]] == [count for count in off_diagonal if count]
+    for pair in results["most_confused"]:
+        true, predicted = (results["class_names"].index(pair[key]) for key in ("true", "predicted"))
+        assert true != predicted and expected[true, predicted] == pair["count"]
+
+
+def test_checkpoint_only_run_gives_the_same_results_as_its_export(tiny_shapes_dir, tmp_path):
+    # Without flips (which would swap left and right) tiny_shapes is learnt perfectly within an epoch or two;
+    # later epochs cannot beat that accuracy but keep lowering the loss, so the run ends on its best epoch's
+    # weights, which the last checkpoint keeps beside the last epoch's.
+    metrics = train.run(make_config(tiny_shapes_dir, tmp_path / "run", dataset="tiny_shapes", train_split="train",
+                                    eval_split="test", batch_size=32, epochs=3, early_stopping_patience=3,
+                                    learning_rate=0.003, random_flip=False, brightness=0.0))
+    assert metrics["best_epoch"] < metrics["epochs_completed"], metrics["history"]
+    assert metrics["history"][-1]["eval_loss"] < metrics["test_loss"] / 2, metrics["history"]
+    shutil.rmtree(tmp_path / "run" / "export")
+    results = evaluate.evaluate_run(str(tmp_path / "run"))
+    assert results["source"].endswith("ckpt-21")  # 7 steps per epoch.
+    assert results["accuracy"] == metrics["test_accuracy"]
+    assert results["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    assert results["top5_accuracy"] is None  # Three classes.
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(trained_run, cifar_dir):
+    model_dir, metrics = trained_run
+    results = evaluate.evaluate_run(str(model_dir), tta=True)
+    probabilities, labels = export_predictions(model_dir, cifar_dir, "test[:256]", flip=True)
+    assert results["tta"] is True
+    assert results["accuracy"] == pytest.approx(np.mean(probabilities.argmax(axis=1) == labels))
+    expected_loss = np.mean(-np.log(probabilities[np.arange(len(labels)), labels]))
+    assert results["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    # Mirrored CIFAR images are different inputs, so averaging them must move the loss.
+    assert results["loss"] != pytest.approx(metrics["test_loss"], rel=1e-4)
+    assert json.loads((model_dir / "evaluation.json").read_text())["tta"] is True
+
+
+def test_split_and_dataset_flags_override_the_runs_own(trained_run):
+    model_dir, metrics = trained_run
+    results = evaluate.evaluate_run(str(model_dir), split="train[:300]")
+    assert results["split"] == "train[:300]" and results["num_examples"] == 300
+    assert results["dataset"] == metrics["dataset"] == "cifar10"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split=bogus"], "--split=bogus is not a split of cifar10"),
+    (["--batch_size=0"], "--batch_size=0 must be a positive integer"),
+    (["--model_dir=gs://no-such-bucket/run"], "error: gs://no-such-bucket/run: "),
+    (["--model_dir=/no/such/run"], "/no/such/run is not a directory"),
+    (["--epochs=3"], "Unknown command line flag 'epochs'"),
+    ([], "--model_dir is required"),
+])
+def test_bad_input_is_one_error_line_and_exit_status_2(trained_run, capsys, argv, message):
+    model_dir, _ = trained_run
+    if not any(argument.startswith("--model_dir") for argument in argv) and argv:
+        argv = [f"--model_dir={model_dir}", *argv]
+    status, out, err = run_evaluate(capsys, *argv)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not out
+
+
+def test_a_run_of_another_dataset_is_refused(trained_run, tiny_shapes_dir, capsys):
+    model_dir, _ = trained_run
+    status, _, err = run_evaluate(capsys, f"--model_dir={model_dir}", "--dataset=tiny_shapes",
+                                  f"--data_dir={tiny_shapes_dir}", "--split=test")
+    assert status == 2 and "--dataset=tiny_shapes has 3 classes of (16, 16, 1) images" in err
+
+
+def test_a_directory_without_a_model_is_refused(tmp_path, capsys):
+    status, _, err = run_evaluate(capsys, f"--model_dir={tmp_path}", "--dataset=cifar10", "--split=test")
+    assert status == 2 and "holds neither an export/ nor checkpoints/" in err

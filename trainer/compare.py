@@ -1,0 +1,227 @@
+"""Compares finished runs: a Markdown report with their results side by side and overlaid training curves."""
+
+import dataclasses
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from trainer import cli
+from trainer import runs
+from trainer import progress
+from trainer import reports
+from trainer import storage
+from trainer.errors import UsageError
+from trainer.errors import one_line
+
+USAGE = """Compares finished runs of trainer.task: writes a Markdown report (README.md) with a table of their
+results and PNG charts of their accuracy and loss per epoch, overlaid, into --output.
+
+    python -m trainer.compare runs/cnn runs/resnet50 --output=reports/cnn-vs-resnet50
+"""
+REPORT_FILE = "README.md"
+# Flags that say where a run lived rather than what it computed.
+LOCATION_FLAGS = ("model_dir", "data_dir")
+# Per-epoch TensorBoard tags of trainer.task: (log, tag) for each curve.
+EPOCH_TAGS = {"train_accuracy": ("train", "accuracy"), "train_loss": ("train", "epoch_loss"),
+              "eval_accuracy": ("eval", "accuracy"), "eval_loss": ("eval", "loss")}
+
+FLAGS = cli.tool_flag_values()
+flags.DEFINE_string("output", None, "Directory to write the report (README.md and PNG charts) into.",
+                    flag_values=FLAGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the report needs of one finished run."""
+
+    name: str
+    directory: str
+    metrics: dict
+    epoch_curves: dict[str, list[tuple[float, float]]]
+    step_losses: list[tuple[float, float]]
+    wall_seconds: float | None
+
+
+def read_scalars(log_dir: str) -> tuple[dict[str, list[tuple[int, float]]], list[float]]:
+    """{tag: [(step, value)]} of the scalars tf.summary wrote (as tensors) in log_dir, and the events' wall times.
+
+    A step written twice (a run resumed from an earlier checkpoint) keeps its last value.
+    """
+    if not os.path.isdir(log_dir):
+        return {}, []
+    accumulator = event_accumulator.EventAccumulator(log_dir, size_guidance={event_accumulator.TENSORS: 0})
+    try:
+        accumulator.Reload()
+    except Exception as error:  # TensorBoard reports damaged event files with many types.
+        raise UsageError(f"cannot read the TensorBoard logs in {log_dir}: {one_line(error)}") from error
+    scalars, wall_times = {}, []
+    for tag in accumulator.Tags()["tensors"]:
+        by_step = {}
+        for event in accumulator.Tensors(tag):
+            wall_times.append(event.wall_time)
+            value = tensor_util.make_ndarray(event.tensor_proto)
+            if value.ndim == 0 and value.dtype.kind == "f":
+                by_step[event.step] = float(value)
+        if by_step:
+            scalars[tag] = sorted(by_step.items())
+    return scalars, wall_times
+
+
+def read_run(directory: str, name: str) -> Run:
+    run_dir = runs.local_run_dir(directory)
+    metrics = storage.read_json(os.path.join(run_dir, "metrics.json"))
+    if metrics is None:
+        raise UsageError(f"{directory} has no metrics.json; give the --model_dir of a finished run of trainer.task.")
+    logs = {kind: read_scalars(os.path.join(run_dir, "logs", kind)) for kind in ("train", "eval")}
+    wall_times = logs["train"][1] + logs["eval"][1]
+    curves, step_losses = _epoch_curves(metrics, {kind: scalars for kind, (scalars, _) in logs.items()})
+    return Run(name, directory, metrics, curves, step_losses,
+               max(wall_times) - min(wall_times) if wall_times else None)
+
+
+def _epoch_curves(metrics: dict, logs: dict) -> tuple[dict, list]:
+    """Per-epoch curves from the TensorBoard logs (metrics.json's history when they are gone), and the
+    per-step training loss with steps counted in epochs."""
+    if not all(tag in logs[kind] for kind, tag in EPOCH_TAGS.values()):
+        history = metrics.get("history", [])
+        return {curve: [(entry["epoch"], entry[curve]) for entry in history] for curve in EPOCH_TAGS}, []
+    # Epoch-end scalars are written once per epoch, at the epoch's last global step.
+    epoch_ends = [step for step, _ in logs["train"]["accuracy"]]
+    curves = {curve: [(epoch, value) for epoch, (_, value) in enumerate(logs[kind][tag], start=1)]
+              for curve, (kind, tag) in EPOCH_TAGS.items()}
+    steps_per_epoch = max(epoch_ends[0], 1)
+    step_losses = [(step / steps_per_epoch, value) for step, value in logs["train"].get("loss", [])]
+    return curves, step_losses
+
+
+def run_names(directories: list[str]) -> list[str]:
+    """Each run's folder name, or its whole path where folder names repeat."""
+    names = [os.path.basename(os.path.abspath(directory)) for directory in directories]
+    if len(set(names)) < len(names):
+        names = [os.path.normpath(directory) for directory in directories]
+    return names
+
+
+def write_report(runs: list[Run], output: str) -> str:
+    """Writes README.md and its charts into output; returns the Markdown."""
+    charts = []
+    for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
+        panels = {phase: {run.name: run.epoch_curves[f"{phase}_{metric}"] for run in runs}
+                  for phase in ("train", "eval")}
+        reports.plot_runs(os.path.join(output, f"{metric}.png"), panels, xlabel="epoch", ylabel=label,
+                          title=f"{label} per epoch")
+        charts.append((f"{label} per epoch (train and eval)", f"{metric}.png"))
+    # Worth a chart only when the runs logged more often than once per epoch.
+    if any(len(run.step_losses) > len(run.epoch_curves["train_loss"]) for run in runs):
+        reports.plot_runs(os.path.join(output, "train_loss_steps.png"),
+                          {"train": {run.name: run.step_losses for run in runs}}, xlabel="epoch",
+                          ylabel="Loss", title="Training loss at every logged step")
+        charts.append(("Training loss at every logged step", "train_loss_steps.png"))
+    markdown = markdown_report(runs, charts)
+    with open(os.path.join(output, REPORT_FILE), "w") as file:
+        file.write(markdown)
+    return markdown
+
+
+def markdown_report(runs: list[Run], charts: list[tuple[str, str]]) -> str:
+    lines = [f"# Comparison of {len(runs)} runs", "", *results_table(runs), ""]
+    evaluated_on = {(run.metrics.get("dataset"), run.metrics.get("eval_split")) for run in runs}
+    if len(evaluated_on) == 1:
+        dataset, split = evaluated_on.pop()
+        lines.append(f"Test accuracy and loss on {dataset} `{split}`.")
+    else:
+        lines.append("**The runs were evaluated on different data** (see the table), so their test metrics are "
+                     "not directly comparable.")
+    lines += ["", "Train time counts training steps only; wall time runs from the first to the last TensorBoard "
+              "event. Train img/s leaves out each compiled loop's first call (tracing), so it is `-` for a run too "
+              "short to call a loop twice."]
+    lines.append("")
+    for title, file_name in charts:
+        lines += [f"## {title}", "", f"![{title}]({file_name})", ""]
+    differing = flag_differences(runs)
+    if differing:
+        lines += ["## Flags that differ", "", "| flag | " + " | ".join(run.name for run in runs) + " |",
+                  "|---|" + "---|" * len(runs)]
+        lines += [f"| `--{name}` | " + " | ".join("-" if value is None else f"`{value}`" for value in values) + " |"
+                  for name, values in differing.items()]
+        lines.append("")
+    lines += ["## Runs", ""] + [f"- `{run.name}`: `{run.directory}`" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def results_table(runs: list[Run]) -> list[str]:
+    """The Markdown table of the runs' results, the best test accuracy in bold."""
+    has_recipe = any(run.metrics.get("flags", {}).get("recipe") for run in runs)
+    mixed_data = len({(run.metrics.get("dataset"), run.metrics.get("eval_split")) for run in runs}) > 1
+    best = max(run.metrics["test_accuracy"] for run in runs)
+    header = ["run", "model"] + ["recipe"] * has_recipe + ["evaluated on"] * mixed_data + [
+        "test accuracy", "test loss", "epochs", "train time", "wall time", "train img/s", "parameters"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---|" * (has_recipe + mixed_data) + "---:|" * 7]
+    for run in runs:
+        metrics, run_flags = run.metrics, run.metrics.get("flags", {})
+        accuracy = f"{metrics['test_accuracy']:.4f}"
+        epochs = f"{metrics['epochs_completed']}"
+        if metrics.get("best_epoch") and metrics["best_epoch"] != metrics["epochs_completed"]:
+            epochs += f" (best {metrics['best_epoch']})"
+        cells = [run.name, run_flags.get("model", "-")]
+        cells += [run_flags.get("recipe") or "-"] * has_recipe
+        cells += [f"{metrics.get('dataset')} `{metrics.get('eval_split')}`"] * mixed_data
+        cells += [f"**{accuracy}**" if metrics["test_accuracy"] == best and len(runs) > 1 else accuracy,
+                  f"{metrics['test_loss']:.4f}", epochs, _duration(metrics.get("train_seconds")),
+                  _duration(run.wall_seconds), _count(metrics.get("train_images_per_second")),
+                  _count(metrics.get("num_parameters"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def flag_differences(runs: list[Run]) -> dict[str, list]:
+    """{flag: [value per run]} for the flags whose values differ between the runs."""
+    all_flags = [run.metrics.get("flags", {}) for run in runs]
+    names = sorted({name for run_flags in all_flags for name in run_flags} - set(LOCATION_FLAGS))
+    return {name: [run_flags.get(name) for run_flags in all_flags] for name in names
+            if len({repr(run_flags.get(name)) for run_flags in all_flags}) > 1}
+
+
+def _duration(seconds: float | None) -> str:
+    return "-" if seconds is None else progress.format_duration(seconds)
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def main(argv: list[str]) -> None:
+    directories = argv[1:]
+    if not directories:
+        raise UsageError("give the directories of the finished runs to compare, e.g. "
+                         "python -m trainer.compare runs/cnn runs/resnet50 --output=reports/cnn-vs-resnet50")
+    if not FLAGS.output:
+        raise UsageError("--output is required: the directory to write the report into.")
+    if len(set(map(os.path.normpath, directories))) < len(directories):
+        raise UsageError(f"a run is named twice in {' '.join(directories)}; give each run once.")
+    if FLAGS.output.startswith("gs://"):
+        raise UsageError(f"--output={FLAGS.output}: writing reports to gs:// is not supported; give a local directory.")
+    runs = [read_run(directory, name) for directory, name in zip(directories, run_names(directories))]
+    try:
+        os.makedirs(FLAGS.output, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output={FLAGS.output} cannot be created ({error.strerror}).") from error
+    write_report(runs, FLAGS.output)
+    print("\n".join(results_table(runs)))
+    logging.info("Wrote the report to %s.", os.path.join(FLAGS.output, REPORT_FILE))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    return cli.parse_tool_flags(FLAGS, argv, USAGE)
+
+
+def run_main(argv: list[str]) -> None:
+    cli.run_tool(main, argv)
+
+
+if __name__ == "__main__":
+    app.run(run_main, flags_parser=parse_flags)

@@ -1,0 +1,188 @@
+"""Evaluates a finished run on a TFDS split: overall, top-5 and per-class metrics, and the confusion matrix."""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from trainer import cli
+from trainer import data
+from trainer import progress
+from trainer import reports
+from trainer import runs
+from trainer import storage
+from trainer.errors import UsageError
+
+USAGE = """Evaluates a finished run on a TFDS split: accuracy, loss, top-5 accuracy, per-class precision and
+recall, the most confused classes; writes evaluation.json and confusion_matrix.png into the run.
+
+    python -m trainer.evaluate --model_dir=DIR [--split=test] [--dataset=cifar10] [--data_dir=DIR] [--tta]
+"""
+EVALUATION_FILE = "evaluation.json"
+CONFUSION_PLOT = "confusion_matrix.png"
+MOST_CONFUSED = 10
+TOP_K_ACCURACY = 5
+# Probabilities are clipped before the log, as Keras does for probability inputs, so one confident
+# mistake cannot make the loss infinite.
+EPSILON = 1e-7
+
+
+# Evaluation.
+
+def predict_split(classifier: runs.Classifier, builder, split: str, total: int, *, batch_size: int, tta: bool) -> tuple:
+    """(probabilities [N, classes], labels [N]) of the `total` examples of the split, in order."""
+    batches = data.decoded_examples(builder, split).batch(batch_size).prefetch(data.AUTOTUNE)
+    meter = progress.ImageProgress(total, "evaluated")
+    probabilities, labels = [], []
+    for images, batch_labels in batches:
+        batch = classifier.probabilities(images)
+        if tta:
+            # Flip test-time augmentation: the model saw mirrored images in training, so both views count.
+            batch = (batch + classifier.probabilities(tf.reverse(images, axis=[2]))) / 2
+        probabilities.append(batch)
+        labels.append(batch_labels.numpy())
+        meter.update(len(batch))
+    meter.close()
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:
+    """Overall, top-k and per-class metrics, the confusion matrix and the most confused pairs."""
+    num_classes = len(class_names)
+    predictions = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    correct, support, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    true_probabilities = probabilities[np.arange(len(labels)), labels]
+    summary = {
+        "num_examples": int(len(labels)),
+        "accuracy": float(correct.sum() / len(labels)),
+        "loss": float(np.mean(-np.log(np.clip(true_probabilities, EPSILON, 1.0)))),
+        "top5_accuracy": None,
+    }
+    if num_classes > TOP_K_ACCURACY:
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K_ACCURACY]
+        summary["top5_accuracy"] = float(np.mean((top == labels[:, None]).any(axis=1)))
+    summary["classes"] = []
+    for index, name in enumerate(class_names):
+        recall = _ratio(correct[index], support[index])
+        precision = _ratio(correct[index], predicted[index])
+        f1 = None if precision is None or recall is None else 2 * correct[index] / (support[index] + predicted[index])
+        summary["classes"].append({"name": name, "examples": int(support[index]), "predicted": int(predicted[index]),
+                                   "accuracy": recall, "precision": precision, "recall": recall, "f1": f1})
+    off_diagonal = confusion - np.diag(correct)
+    pairs = sorted(((int(off_diagonal[true, guess]), true, guess) for true, guess in zip(*np.nonzero(off_diagonal))),
+                   key=lambda pair: (-pair[0], pair[1], pair[2]))[:MOST_CONFUSED]
+    summary["most_confused"] = [{"true": class_names[true], "predicted": class_names[guess], "count": count,
+                                 "share_of_true": count / int(support[true])} for count, true, guess in pairs]
+    summary["confusion_matrix"] = confusion.tolist()
+    summary["class_names"] = list(class_names)
+    return summary
+
+
+def _ratio(numerator, denominator) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def evaluate_run(model_dir: str, *, split: str | None = None, dataset: str | None = None,
+                 data_dir: str | None = None, tta: bool = False, batch_size: int = 256) -> dict:
+    """Evaluates the run in model_dir; writes evaluation.json and confusion_matrix.png there; returns the results.
+
+    dataset, split and data_dir default to the run's own (its config.json).
+    """
+    run_dir = runs.local_run_dir(model_dir)
+    config = runs.read_run_config(run_dir)
+    data_dir = data_dir or config.get("data_dir")
+    classifier = runs.load_classifier(run_dir, data_dir)
+    dataset = dataset or config.get("dataset")
+    split = split or config.get("eval_split")
+    if not dataset or not split:
+        raise UsageError(f"{run_dir} has no config.json to take the dataset and split from; give --dataset and "
+                         "--split.")
+    builder = data.load_builder(dataset, data_dir)
+    data.num_examples(builder, split, "--split")  # Checked here so that a bad split names --split.
+    info = data.dataset_info(builder, split, split)
+    if info.image_shape != classifier.image_shape or info.num_classes != len(classifier.class_names):
+        raise UsageError(f"--dataset={dataset} has {info.num_classes} classes of {info.image_shape} images, but the "
+                         f"model in {model_dir} takes {classifier.image_shape} images and knows "
+                         f"{len(classifier.class_names)} classes; give the dataset it was trained on.")
+    logging.info("Evaluating %s on %s %s (%s examples%s).", classifier.source, dataset, split,
+                 f"{info.num_eval_examples:,}", ", flip TTA" if tta else "")
+    probabilities, labels = predict_split(classifier, builder, split, info.num_eval_examples, batch_size=batch_size,
+                                         tta=tta)
+    results = {"model_dir": model_dir, "model": config.get("model"), "source": classifier.source, "dataset": dataset,
+               "split": split, "tta": tta, **summarize(probabilities, labels, info.class_names)}
+    storage.write_json(os.path.join(run_dir, EVALUATION_FILE), results)
+    title = (f"{config.get('model', 'model')} on {dataset} {split}{' (flip TTA)' if tta else ''}: "
+             f"accuracy {results['accuracy']:.4f}")
+    reports.plot_confusion_matrix(os.path.join(run_dir, CONFUSION_PLOT), results["confusion_matrix"],
+                                  info.class_names, title)
+    runs.save_back(model_dir)
+    logging.info("Wrote %s and %s into %s.", EVALUATION_FILE, CONFUSION_PLOT, model_dir)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The evaluation as a person reads it: overall metrics, a per-class table and the most confused pairs."""
+    top5 = f"  top-5 accuracy {results['top5_accuracy']:.4f}" if results["top5_accuracy"] is not None else ""
+    lines = [f"{results['dataset']} {results['split']}: {results['num_examples']:,} images"
+             f"{', flip TTA' if results['tta'] else ''}  (model: {results['source']})",
+             f"accuracy {results['accuracy']:.4f}  loss {results['loss']:.4f}{top5}", ""]
+    width = max(len("class"), *(len(entry["name"]) for entry in results["classes"]))
+    lines.append(f"{'class':<{width}}  {'examples':>8}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'f1':>6}")
+    for entry in results["classes"]:
+        cells = [_cell(entry[key], size) for key, size in (("accuracy", 8), ("precision", 9), ("recall", 6),
+                                                           ("f1", 6))]
+        lines.append(f"{entry['name']:<{width}}  {entry['examples']:>8,}  {'  '.join(cells)}")
+    lines += ["", "accuracy = recall: the share of each class's images classified as that class.", "",
+              f"Most confused (true -> predicted, of {results['num_examples']:,} images):"]
+    for pair in results["most_confused"]:
+        lines.append(f"  {pair['true']:>{width}} -> {pair['predicted']:<{width}}  {pair['count']:>6,}  "
+                     f"({pair['share_of_true']:.1%} of {pair['true']})")
+    if not results["most_confused"]:
+        lines.append("  none: every image was classified correctly.")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, size: int) -> str:
+    return f"{'-' if value is None else f'{value:.3f}':>{size}}"
+
+
+FLAGS = cli.tool_flag_values()
+flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task (its --model_dir).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("split", None, "TFDS split to evaluate, e.g. test or 'test[:1000]'. Default: the run's "
+                    "--eval_split.", flag_values=FLAGS)
+flags.DEFINE_string("dataset", None, "TFDS dataset. Default: the run's.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "TFDS data directory. Default: the run's --data_dir, else TFDS's own or "
+                    "$TFDS_DATA_DIR.", flag_values=FLAGS)
+flags.DEFINE_bool("tta", False, "Flip test-time augmentation: average the probabilities of each image and its "
+                  "mirror image.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 256, "Images per prediction batch.", flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
+    if not FLAGS.model_dir:
+        raise UsageError("--model_dir is required: the directory of a finished run of trainer.task.")
+    if FLAGS.batch_size < 1:
+        raise UsageError(f"--batch_size={FLAGS.batch_size} must be a positive integer.")
+    results = evaluate_run(FLAGS.model_dir, split=FLAGS.split, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                           tta=FLAGS.tta, batch_size=FLAGS.batch_size)
+    print(format_results(results))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    return cli.parse_tool_flags(FLAGS, argv, USAGE)
+
+
+def run_main(argv: list[str]) -> None:
+    cli.run_tool(main, argv)
+
+
+if __name__ == "__main__":
+    app.run(run_main, flags_parser=parse_flags)
