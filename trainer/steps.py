@@ -5,7 +5,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -15,6 +17,7 @@ from trainer import data
 from trainer import distribution
 from trainer import models
 from trainer import optimization
+from trainer import progress
 from trainer.config import Config
 from trainer.errors import TrainingError
 from trainer.errors import UsageError
@@ -52,6 +55,8 @@ class Phase:
     variables: list
     optimizer: keras.optimizers.Optimizer
     set_trainable: callable
+    # Trains the head on features computed once (see Trainer._feature_table) instead of on pixels.
+    cached: bool = False
     train_loop: callable = None
 
 
@@ -80,6 +85,10 @@ class Trainer:
             self.train_accuracy = keras.metrics.SparseCategoricalAccuracy("train_accuracy")
             self.eval_loss = keras.metrics.Mean("eval_loss")
             self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy("eval_accuracy")
+            # Counts of (true, predicted) pairs; each replica counts its own examples, reads sum them.
+            self.eval_confusion = tf.Variable(
+                tf.zeros([info.num_classes] * 2), trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM)
             self.phases = self._build_phases()
             # The best epoch's weights live in variables saved with every checkpoint, so every
             # worker can restore them without reading another worker's files.
@@ -116,7 +125,8 @@ class Trainer:
                 config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay,
                 precision=self.precision)
             optimizer.build(variables)
-            phases.append(Phase(name, first_epoch, end_epoch, variables, optimizer, set_trainable))
+            cached = config.cache_features and name == "train" and self.network.features is not None
+            phases.append(Phase(name, first_epoch, end_epoch, variables, optimizer, set_trainable, cached))
         return phases
 
     def phase_of(self, epoch: int) -> Phase:
@@ -167,7 +177,7 @@ class Trainer:
     def _training_batches(self, input_context, start_epoch, end_epoch, start_step):
         builder, split = self._train_examples
         return data.training_batches(
-            data.decoded_examples(builder, split), num_examples=self.info.num_train_examples,
+            data.decoded_examples(builder, split, with_index=True), num_examples=self.info.num_train_examples,
             input_context=input_context, global_batch_size=self.config.batch_size,
             steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch,
             start_step=start_step, seed=self.config.seed)
@@ -187,21 +197,71 @@ class Trainer:
 
     # Compiled steps.
 
-    def _make_train_loop(self, phase: Phase):
-        model, optimizer, variables = self.model, phase.optimizer, phase.variables
-        num_classes, batch_size, seed_base = self.info.num_classes, self.config.batch_size, self.config.seed
-        clip_norm, average = self.config.clip_grad_norm, self.average
+    def _forward(self, images, labels, indices, step):
+        """Augmented, possibly mixed images through the whole model: (logits, soft targets)."""
+        config, augment_config = self.config, self.augment_config
+        images, targets = tf.cast(images, tf.float32), tf.one_hot(labels, self.info.num_classes)
+        seed = augment.step_seed(config.seed, step)
+        if augment_config.enabled and config.augment_views:
+            images = augment.augment_views(images, indices, step, self.steps_per_epoch, config.augment_views,
+                                           config.seed, augment_config)
+        elif augment_config.enabled:
+            images = augment.augment(images, seed, augment_config)
+        if augment_config.mixes:
+            images, targets = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
+                                          augment_config.mixup, augment_config.cutmix)
+        return self.model(images, training=True), targets
 
-        def replica_step(images, labels, step):
-            images, targets = tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
-            seed = augment.step_seed(seed_base, step)
+    def _cached_forward(self, table: tf.Variable):
+        """The head on the cached features of the view each example uses this epoch."""
+        views = max(self.config.augment_views, 1)
+
+        def forward(images, labels, indices, step):
+            del images
+            chosen = augment.chosen_views(indices, step, self.steps_per_epoch, views, self.config.seed)
+            features = tf.gather_nd(table, tf.stack([indices, chosen], axis=-1))
+            return self.network.head(features, training=True), tf.one_hot(labels, self.info.num_classes)
+
+        return forward
+
+    def _feature_table(self) -> tf.Variable:
+        """The frozen feature extractor's output for every training example and augmentation view."""
+        config, views = self.config, max(self.config.augment_views, 1)
+        builder, split = self._train_examples
+        count = self.info.num_train_examples
+        dimension = self.network.features.output.shape[-1]
+        table = np.zeros((count, views, dimension), np.float32)
+
+        @tf.function
+        def extract(images, indices, view):
+            images = tf.cast(images, tf.float32)
             if self.augment_config.enabled:
-                images = augment.augment(images, seed, self.augment_config)
-            if self.augment_config.mixes:
-                images, targets = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
-                                              self.augment_config.mixup, self.augment_config.cutmix)
+                uniforms = augment.view_uniforms(indices, tf.fill(tf.shape(indices), view), config.seed)
+                images = augment.transform(images, uniforms, self.augment_config)
+            return tf.cast(self.network.features(images, training=False), tf.float32)
+
+        began, done = time.monotonic(), 0
+        for view in range(views):
+            batches = data.decoded_examples(builder, split, with_index=True).batch(256).prefetch(data.AUTOTUNE)
+            for images, _, indices in batches:
+                table[indices.numpy(), view] = extract(images, indices, tf.constant(view, tf.int64)).numpy()
+                done += len(indices)
+                rate = done / (time.monotonic() - began)
+                logging.log_every_n_seconds(logging.INFO, "Caching backbone features: %d/%d (%.0f img/s, ETA %s)",
+                                            30, done, count * views, rate,
+                                            progress.format_duration((count * views - done) / rate))
+        logging.info("Cached %d views of %d examples' features in %.1fs.", views, count, time.monotonic() - began)
+        with self.strategy.scope():
+            return tf.Variable(table, trainable=False)
+
+    def _make_train_loop(self, phase: Phase):
+        optimizer, variables = phase.optimizer, phase.variables
+        batch_size, clip_norm, average = self.config.batch_size, self.config.clip_grad_norm, self.average
+        forward = self._cached_forward(self._feature_table()) if phase.cached else self._forward
+
+        def replica_step(images, labels, indices, step):
             with tf.GradientTape() as tape:
-                logits = model(images, training=True)
+                logits, targets = forward(images, labels, indices, step)
                 per_example_loss = self.train_loss_fn(targets, logits)
                 loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=batch_size)
                 scaled_loss = optimizer.scale_loss(loss)
@@ -221,9 +281,9 @@ class Trainer:
         def train_loop(iterator, num_steps, first_step):
             losses = tf.TensorArray(tf.float32, size=num_steps)
             for index in tf.range(num_steps):
-                images, labels = next(iterator)
+                images, labels, indices = next(iterator)
                 step = first_step + tf.cast(index, tf.int64)
-                replica_losses = self.strategy.run(compiled_step, args=(images, labels, step))
+                replica_losses = self.strategy.run(compiled_step, args=(images, labels, indices, step))
                 losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, replica_losses, None))
                 if average is not None:
                     average.update(self.strategy)
@@ -244,6 +304,8 @@ class Trainer:
             labels = tf.maximum(labels, 0)
             self.eval_loss.update_state(self.eval_loss_fn(labels, probabilities), sample_weight=weights)
             self.eval_accuracy.update_state(labels, probabilities, sample_weight=weights)
+            self.eval_confusion.assign_add(tf.math.confusion_matrix(
+                labels, tf.argmax(probabilities, axis=-1), self.info.num_classes, weights=weights, dtype=tf.float32))
 
         compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
 
@@ -259,9 +321,27 @@ class Trainer:
         """Loss and accuracy on the evaluation split, with the evaluation weights."""
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
+        self.eval_confusion.assign(tf.zeros_like(self.eval_confusion))
         with self.evaluation_weights():
             self._eval_loop(iter(self._eval_dataset), tf.constant(self.eval_steps))
         return {"eval_loss": float(self.eval_loss.result()), "eval_accuracy": float(self.eval_accuracy.result())}
+
+    def confusion_matrix(self) -> np.ndarray:
+        """Counts of (true class, predicted class) from the last evaluation."""
+        return np.rint(self.eval_confusion.numpy()).astype(np.int64)
+
+    def augmented_sample(self, count: int = 16) -> np.ndarray:
+        """The first training images as the first step's augmentation shows them to the network (uint8)."""
+        builder, split = self._train_examples
+        images = tf.cast(data.sample_images(builder, split, count), tf.float32)
+        seed = augment.step_seed(self.config.seed, tf.constant(0, tf.int64))
+        if self.augment_config.enabled:
+            images = augment.augment(images, seed, self.augment_config)
+        if self.augment_config.mixes:
+            targets = tf.one_hot(tf.range(count) % self.info.num_classes, self.info.num_classes)
+            images, _ = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
+                                    self.augment_config.mixup, self.augment_config.cutmix)
+        return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8).numpy()
 
     def train_steps(self, phase: Phase, iterator, num_steps: int) -> np.ndarray:
         """Runs `num_steps` steps; a non-finite loss stops training and names the step."""

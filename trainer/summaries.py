@@ -1,19 +1,27 @@
-"""TensorBoard event files: training and evaluation scalars, and the run's flags."""
+"""TensorBoard event files: scalars, images, the run's flags as text and hparams, and profiler traces."""
 
 import os
 
+import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+# What the HParams dashboard lists for each run: written to logs/eval every epoch, and at the end.
+HPARAMS_METRICS = (("accuracy", "eval"), ("loss", "eval"), ("test_accuracy", None), ("test_loss", None))
 
 
 class Summaries:
-    """Writers for logs/train and logs/eval; a no-op on workers that must not write."""
+    """Writers for logs/train, logs/eval and logs/ itself (hparams); no-ops on workers that must not write."""
 
     def __init__(self, log_dir: str, enabled: bool):
+        self.log_dir, self.enabled = log_dir, enabled
+        kinds = ("train", "eval", "run")
         if enabled:
-            self._writers = {kind: tf.summary.create_file_writer(os.path.join(log_dir, kind))
-                             for kind in ("train", "eval")}
+            self._writers = {kind: tf.summary.create_file_writer(log_dir if kind == "run" else
+                                                                 os.path.join(log_dir, kind)) for kind in kinds}
         else:
-            self._writers = {kind: tf.summary.create_noop_writer() for kind in ("train", "eval")}
+            self._writers = {kind: tf.summary.create_noop_writer() for kind in kinds}
+        self._profiling = False
 
     def scalars(self, kind: str, step: int, values: dict) -> None:
         with self._writers[kind].as_default(step=step):
@@ -24,9 +32,52 @@ class Summaries:
         with self._writers[kind].as_default(step=step):
             tf.summary.text(name, markdown)
 
+    def image_grid(self, kind: str, step: int, name: str, images: np.ndarray, description: str = "") -> None:
+        """Tiles a batch of uint8 images [N, H, W, C] into one picture, so it reads at a glance."""
+        with self._writers[kind].as_default(step=step):
+            tf.summary.image(name, grid(images)[np.newaxis], step=step, description=description)
+
+    def png(self, kind: str, step: int, name: str, png_bytes: bytes) -> None:
+        with self._writers[kind].as_default(step=step):
+            tf.summary.image(name, tf.image.decode_png(png_bytes)[tf.newaxis], step=step)
+
+    def hparams(self, values: dict, run_name: str) -> None:
+        """The run's flags for TensorBoard's HParams dashboard, which compares runs side by side."""
+        clean = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+                 for name, value in values.items() if value is not None}
+        metrics = [hparams_api.Metric(tag, group=group) for tag, group in HPARAMS_METRICS]
+        with self._writers["run"].as_default(step=0):
+            hparams_api.hparams_config(hparams=[hparams_api.HParam(name) for name in clean], metrics=metrics)
+            hparams_api.hparams(clean, trial_id=run_name)
+
+    def start_profiler(self) -> None:
+        if self.enabled and not self._profiling:
+            tf.profiler.experimental.start(self.log_dir)
+            self._profiling = True
+
+    def stop_profiler(self) -> None:
+        if self._profiling:
+            tf.profiler.experimental.stop()
+            self._profiling = False
+
     def flush(self) -> None:
         for writer in self._writers.values():
             writer.flush()
+
+
+def grid(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one [rows*H, columns*W, 3] image, with 1-pixel white separators."""
+    images = np.asarray(images, np.uint8)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    count, height, width, _ = images.shape
+    columns = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    canvas = np.full((rows * (height + 1) - 1, columns * (width + 1) - 1, 3), 255, np.uint8)
+    for index, image in enumerate(images):
+        top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
+        canvas[top:top + height, left:left + width] = image
+    return canvas
 
 
 def flags_markdown(values: dict) -> str:

@@ -1,6 +1,8 @@
 """The training loop: phases and epochs, checkpoints, early stopping, and the run's outputs."""
 
 import math
+import os
+import tempfile
 import time
 
 from absl import logging
@@ -94,9 +96,11 @@ class _Loop:
         self.progress = progress.Progress(self.config.total_epochs, trainer.steps_per_epoch)
         # Throughput excludes each compiled loop's first call, which includes tracing and XLA compilation.
         self.timed_images, self.timed_seconds = 0, 0.0
+        self.started = time.monotonic()
 
     def run(self, precision: str, started: float) -> dict:
         state, config = self.state, self.config
+        self.started = started  # Epochs report wall time since the session began, set-up included.
         if int(state.epoch.numpy()) >= config.total_epochs:
             finished = storage.read_json(self.paths.metrics_file)
             if finished is not None:
@@ -104,13 +108,18 @@ class _Loop:
                              self.paths.model_dir, finished["epochs_completed"])
                 return finished
         else:
-            self.summaries.text("train", int(state.global_step.numpy()), "flags",
-                                summaries.flags_markdown(config.to_dict()))
+            step = int(state.global_step.numpy())
+            self.summaries.text("train", step, "flags", summaries.flags_markdown(config.to_dict()))
+            if step == 0 and self.chief:
+                self.summaries.hparams(config.to_dict(), run_name=os.path.basename(config.model_dir.rstrip("/")))
+                self.summaries.image_grid("train", 0, "augmented_inputs", self.trainer.augmented_sample(),
+                                          "Training images as the first step's on-device augmentation shows them.")
             guard = checkpoints.PreemptionGuard(self.trainer.strategy, self.store)
             try:
                 self._train(guard)
             finally:
                 guard.close()
+                self.summaries.stop_profiler()
                 self.summaries.flush()
         return self._finish(precision, started)
 
@@ -136,9 +145,14 @@ class _Loop:
         while (step_in_epoch := int(state.step_in_epoch.numpy())) < trainer.steps_per_epoch:
             num_steps = min(config.steps_per_loop, trainer.steps_per_epoch - step_in_epoch)
             first_call = phase.train_loop is None
+            global_step = int(state.global_step.numpy())
+            if config.profile_steps and global_step < config.profile_steps[0] <= global_step + num_steps:
+                self.summaries.start_profiler()
             began = time.monotonic()
             losses = trainer.train_steps(phase, iterator, num_steps)
             seconds = time.monotonic() - began
+            if config.profile_steps and global_step + num_steps >= config.profile_steps[1]:
+                self.summaries.stop_profiler()
             images = num_steps * config.batch_size
             state.step_in_epoch.assign_add(num_steps)
             state.global_step.assign_add(num_steps)
@@ -165,7 +179,7 @@ class _Loop:
         metrics = {"train_loss": float(trainer.train_loss.result()),
                    "train_accuracy": float(trainer.train_accuracy.result()), **trainer.evaluate()}
         entry = {"epoch": epoch + 1, "phase": phase.name, **metrics, "images_per_second": images_per_second,
-                 "train_seconds": train_seconds,
+                 "train_seconds": train_seconds, "elapsed_seconds": time.monotonic() - self.started,
                  "learning_rate": optimization.current_learning_rate(phase.optimizer)}
         state.append_history(entry)
         state.epoch.assign(epoch + 1)
@@ -177,6 +191,8 @@ class _Loop:
             "accuracy": metrics["train_accuracy"], "epoch_loss": metrics["train_loss"],
             "epoch_images_per_second": images_per_second, "epoch_seconds": train_seconds})
         self.summaries.scalars("eval", step, {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
+        if self.chief:
+            self.summaries.png("eval", step, "confusion_matrix", self._confusion_png(f"epoch {epoch + 1}"))
         self.summaries.flush()
         self.progress.end_epoch(epoch, {**metrics, "images_per_second": images_per_second},
                                 self.config.total_epochs - int(state.epoch.numpy()))
@@ -205,6 +221,14 @@ class _Loop:
                          "ending the %s phase.", monitor, patience, float(state.best_value.numpy()),
                          int(state.best_epoch.numpy()), phase.name)
             state.epoch.assign(phase.end_epoch)
+
+    def _confusion_png(self, when: str) -> bytes:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "confusion.png")
+            reports.plot_confusion_matrix(path, self.trainer.confusion_matrix(), self.trainer.info.class_names,
+                                          f"{self._title()}, {self.config.eval_split}, {when}")
+            with open(path, "rb") as file:
+                return file.read()
 
     def _title(self) -> str:
         return f"{self.config.model} on {self.trainer.info.name}"
@@ -243,6 +267,10 @@ class _Loop:
         }
         reports.write_metrics(self.paths.metrics_file, metrics)
         reports.plot_history(self.paths.history_plot, history, self._title())
+        step = int(state.global_step.numpy())
+        self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
+                                             "test_loss": metrics["test_loss"]})
+        self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png("final"))
         self.summaries.flush()
         if self.upload is not None:
             self.upload()
