@@ -191,8 +191,10 @@ class _Loop:
             "accuracy": metrics["train_accuracy"], "epoch_loss": metrics["train_loss"],
             "epoch_images_per_second": images_per_second, "epoch_seconds": train_seconds})
         self.summaries.scalars("eval", step, {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
+        # Reading the counts is a collective under MultiWorkerMirroredStrategy: every worker reads.
+        confusion = trainer.confusion_matrix()
         if self.chief:
-            self.summaries.png("eval", step, "confusion_matrix", self._confusion_png(f"epoch {epoch + 1}"))
+            self.summaries.png("eval", step, "confusion_matrix", self._confusion_png(confusion, f"epoch {epoch + 1}"))
         self.summaries.flush()
         self.progress.end_epoch(epoch, {**metrics, "images_per_second": images_per_second},
                                 self.config.total_epochs - int(state.epoch.numpy()))
@@ -222,10 +224,10 @@ class _Loop:
                          int(state.best_epoch.numpy()), phase.name)
             state.epoch.assign(phase.end_epoch)
 
-    def _confusion_png(self, when: str) -> bytes:
+    def _confusion_png(self, confusion: np.ndarray, when: str) -> bytes:
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "confusion.png")
-            reports.plot_confusion_matrix(path, self.trainer.confusion_matrix(), self.trainer.info.class_names,
+            reports.plot_confusion_matrix(path, confusion, self.trainer.info.class_names,
                                           f"{self._title()}, {self.config.eval_split}, {when}")
             with open(path, "rb") as file:
                 return file.read()
@@ -240,6 +242,7 @@ class _Loop:
             logging.info("Restored the best weights (epoch %d, %s %.4f).", int(state.best_epoch.numpy()),
                          config.early_stopping_monitor, float(state.best_value.numpy()))
         final = trainer.evaluate()
+        confusion = trainer.confusion_matrix()  # A collective: before the workers part ways below.
         fingerprint = trainer.weights_fingerprint()
         logging.info("Final weights fingerprint %s.", fingerprint)
         export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
@@ -270,7 +273,7 @@ class _Loop:
         step = int(state.global_step.numpy())
         self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
                                              "test_loss": metrics["test_loss"]})
-        self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png("final"))
+        self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png(confusion, "final"))
         self.summaries.flush()
         if self.upload is not None:
             self.upload()
