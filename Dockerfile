@@ -1,0 +1,47 @@
+# The training job's image, for one accelerator: `python -m trainer.task` with the flags as arguments.
+#
+#   docker build --build-arg ACCELERATOR=gpu -t IMAGE .      (or: python -m launch.build, see launch/CLOUD.md)
+#   docker run IMAGE --model=cnn --epochs=1
+#
+# Every Python package comes from requirements/ACCELERATOR.txt, pinned with hashes, so a rebuild installs the
+# same bytes. The base is a build argument because the image is also built on other bases (tests build it on a
+# local Debian image with the same Python).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# gpu: TensorFlow with CUDA and cuDNN from pip wheels (the machine supplies the NVIDIA driver);
+# tpu: tensorflow-tpu and libtpu; cpu: TensorFlow's CPU-only build.
+ARG ACCELERATOR=gpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# A virtual environment, because Debian's system Python refuses pip installs (PEP 668).
+COPY requirements/ /tmp/requirements/
+RUN case "${ACCELERATOR}" in \
+        cpu|gpu|tpu) ;; \
+        *) echo "ACCELERATOR must be cpu, gpu or tpu, not '${ACCELERATOR}'" >&2; exit 1 ;; \
+    esac \
+    && python -m venv "${VIRTUAL_ENV}" \
+    && pip install --no-deps --require-hashes -r /tmp/requirements/build.txt \
+    && pip install --no-deps --require-hashes --no-build-isolation -r "/tmp/requirements/${ACCELERATOR}.txt" \
+    && rm -rf /tmp/requirements
+
+# --no-deps: the lock already holds every dependency, and the cpu and tpu images carry TensorFlow under
+# another distribution name (tensorflow-cpu, tensorflow-tpu) than setup.py's `tensorflow`. The import proves the
+# lock complete; TPU_SKIP_MDS_QUERY stops libtpu from asking a TPU VM's metadata server, which a build has not.
+COPY setup.py /tmp/src/setup.py
+COPY trainer/ /tmp/src/trainer/
+RUN pip install --no-deps --no-build-isolation /tmp/src \
+    && rm -rf /tmp/src \
+    && TPU_SKIP_MDS_QUERY=1 python -c "import trainer.task" \
+    && useradd --create-home --uid 1000 --user-group trainer
+
+# A numeric user, so Kubernetes can check runAsNonRoot.
+USER 1000:1000
+WORKDIR /home/trainer
+ENTRYPOINT ["python", "-m", "trainer.task"]

@@ -1,0 +1,235 @@
+"""Runs the training job on Kubernetes (GKE): renders an Indexed Job and a headless Service, and applies them.
+
+    python -m launch.gke --image=IMAGE --output_dir=gs://BUCKET/runs --workers=2 --gpus=1 -- --model=resnet50
+
+The Job runs --workers pods, one per index. The headless Service gives pod i the stable DNS name
+JOB-i.JOB (its hostname and subdomain), and every pod gets WORKER_HOSTS, the list of all those names with --port;
+Kubernetes sets JOB_COMPLETION_INDEX, so the trainer knows the cluster and its own place in it. The strategy follows
+the shape: several pods run multi_worker_mirrored, one pod mirrored (several GPUs), one_device (one GPU), tpu
+(--accelerator=tpu, one single-host TPU slice) or default (CPU).
+
+A failed pod is replaced up to --restarts times per pod, and the replacement resumes from the latest checkpoint. A
+preempted pod (exit status 42 after it saved a checkpoint, or evicted by Kubernetes) does not count against that,
+and a usage error (exit status 2) fails the Job at once. Outputs go to --output_dir/JOB_NAME, in the layout of a
+Vertex AI job (model/, checkpoints/, logs/); the pods need write access to the bucket (Workload Identity through
+--service_account). With --dry_run the manifests are printed, so `... --dry_run | kubectl apply -f -` works too.
+"""
+
+import datetime
+import json
+import re
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from launch import cloud
+
+# Exit statuses of the trainer (trainer.task and trainer.checkpoints), repeated so the launcher needs no TensorFlow.
+PREEMPTED_EXIT_CODE = 42
+USAGE_EXIT_CODE = 2
+CONTAINER = "trainer"
+
+flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.")
+flags.DEFINE_string("job_name", None, "Name of the Job and its Service, and of its output folder. Default: "
+                    "cifar-<time>.")
+flags.DEFINE_string("namespace", "default", "Kubernetes namespace.")
+flags.DEFINE_string("context", None, "kubectl context (cluster). Default: kubectl's current context.")
+flags.DEFINE_string("output_dir", None, "gs:// folder; the job writes to OUTPUT_DIR/JOB_NAME.")
+flags.DEFINE_integer("workers", 1, "Pods; more than one trains with multi_worker_mirrored.")
+flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "What each pod trains on.")
+flags.DEFINE_integer("gpus", 1, "GPUs per pod (nvidia.com/gpu).")
+flags.DEFINE_string("gpu_type", "nvidia-tesla-t4", "GKE GPU node label cloud.google.com/gke-accelerator, e.g. "
+                    "nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100.")
+flags.DEFINE_string("tpu_type", "tpu-v5-lite-podslice", "GKE TPU node label cloud.google.com/gke-tpu-accelerator.")
+flags.DEFINE_string("tpu_topology", "2x4", "GKE TPU node label cloud.google.com/gke-tpu-topology (one host).")
+flags.DEFINE_integer("tpu_chips", 8, "TPU chips per pod (google.com/tpu); the whole single-host slice.")
+flags.DEFINE_string("cpu", None, "CPU request per pod, e.g. 8 or 7500m.")
+flags.DEFINE_string("memory", None, "Memory request per pod, e.g. 32Gi.")
+flags.DEFINE_integer("port", 2222, "Port the workers talk to each other on.")
+flags.DEFINE_integer("restarts", 3, "Failed attempts per pod, preemptions aside, before the Job fails "
+                     "(backoffLimit = restarts x workers: one worker's failure stops all of them).")
+flags.DEFINE_float("timeout_hours", 0, "Stop the Job after this many hours (activeDeadlineSeconds); 0: no limit.")
+flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true).")
+flags.DEFINE_string("service_account", None, "Kubernetes service account of the pods, e.g. one bound to a Google "
+                    "service account that may write to the bucket (Workload Identity).")
+flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.")
+flags.DEFINE_bool("dry_run", False, "Print the manifests (JSON) and the kubectl command, and call nothing.")
+FLAGS = flags.FLAGS
+
+QUANTITY = (r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?", "a Kubernetes quantity such as 8, 7500m or 32Gi")
+
+
+def strategy_name(workers: int, accelerator: str, gpus: int) -> str:
+    if workers > 1:
+        return "multi_worker_mirrored"
+    if accelerator == "tpu":
+        return "tpu"
+    if accelerator == "gpu":
+        return "mirrored" if gpus > 1 else "one_device"
+    return "default"
+
+
+def worker_hosts(job_name: str, workers: int, port: int) -> str:
+    """Pod i of an Indexed Job has hostname JOB-i; with subdomain JOB it resolves as JOB-i.JOB in the namespace."""
+    return ",".join(f"{job_name}-{index}.{job_name}:{port}" for index in range(workers))
+
+
+def node_placement() -> tuple[dict, list[dict], dict]:
+    """(nodeSelector, tolerations, resource limits) for the accelerator."""
+    selector = {"cloud.google.com/gke-spot": "true"} if FLAGS.spot else {}
+    if FLAGS.accelerator == "gpu":
+        selector["cloud.google.com/gke-accelerator"] = FLAGS.gpu_type
+        return selector, [_toleration("nvidia.com/gpu")], {"nvidia.com/gpu": str(FLAGS.gpus)}
+    if FLAGS.accelerator == "tpu":
+        selector.update({"cloud.google.com/gke-tpu-accelerator": FLAGS.tpu_type,
+                         "cloud.google.com/gke-tpu-topology": FLAGS.tpu_topology})
+        return selector, [_toleration("google.com/tpu")], {"google.com/tpu": str(FLAGS.tpu_chips)}
+    return selector, [], {}
+
+
+def _toleration(key: str) -> dict:
+    # GKE taints accelerator nodes with their resource name; a pod that asks for the resource must tolerate it.
+    return {"key": key, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def container(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
+    strategy = strategy_name(FLAGS.workers, FLAGS.accelerator, FLAGS.gpus)
+    args = [f"--strategy={strategy}", *(["--tpu=local"] if strategy == "tpu" else []), *trainer_args]
+    run_dir = cloud.join_gcs(FLAGS.output_dir, job_name)
+    # The layout Vertex AI gives a job, so both platforms leave the same folders in the bucket.
+    env = {"AIP_MODEL_DIR": f"{run_dir}/model/", "AIP_CHECKPOINT_DIR": f"{run_dir}/checkpoints/",
+           "AIP_TENSORBOARD_LOG_DIR": f"{run_dir}/logs/"}
+    if FLAGS.workers > 1:
+        env["WORKER_HOSTS"] = worker_hosts(job_name, FLAGS.workers, FLAGS.port)
+    env.update(environment)
+    _, _, limits = node_placement()
+    requests = dict(limits)
+    for name, value in (("cpu", FLAGS.cpu), ("memory", FLAGS.memory)):
+        if value:
+            requests[name] = value
+    resources = {key: value for key, value in (("limits", limits), ("requests", requests)) if value}
+    spec = {"name": CONTAINER, "image": FLAGS.image, "args": args,
+            "env": [{"name": name, "value": value} for name, value in env.items()],
+            "ports": [{"name": "workers", "containerPort": FLAGS.port}],
+            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}
+    if resources:
+        spec["resources"] = resources
+    return spec
+
+
+def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
+    labels = {"app.kubernetes.io/name": "cifar-trainer", "app.kubernetes.io/instance": job_name}
+    selector, tolerations, _ = node_placement()
+    pod_spec = {"subdomain": job_name, "restartPolicy": "Never",
+                "containers": [container(job_name, trainer_args, environment)]}
+    for key, value in (("nodeSelector", selector), ("tolerations", tolerations),
+                       ("serviceAccountName", FLAGS.service_account)):
+        if value:
+            pod_spec[key] = value
+    spec = {
+        "completionMode": "Indexed", "completions": FLAGS.workers, "parallelism": FLAGS.workers,
+        "backoffLimit": FLAGS.restarts * FLAGS.workers,
+        "podFailurePolicy": {"rules": [
+            # Evicted or preempted by Kubernetes (node drain, Spot reclaim): not the job's fault.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # The trainer caught SIGTERM and saved a checkpoint: the replacement pod resumes from it.
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [PREEMPTED_EXIT_CODE]}},
+            # A bad flag fails the same way on every attempt.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [USAGE_EXIT_CODE]}},
+        ]},
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if FLAGS.timeout_hours:
+        spec["activeDeadlineSeconds"] = round(FLAGS.timeout_hours * 3600)
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": job_name, "namespace": FLAGS.namespace, "labels": labels}, "spec": spec}
+
+
+def service(job_name: str) -> dict:
+    """Headless: no virtual IP, just a DNS record per pod. Records exist before the pods are ready, because
+    workers look each other up while they start."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": job_name, "namespace": FLAGS.namespace,
+                         "labels": {"app.kubernetes.io/name": "cifar-trainer", "app.kubernetes.io/instance": job_name}},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": job_name},
+                     "ports": [{"name": "workers", "port": FLAGS.port, "targetPort": FLAGS.port}]}}
+
+
+def manifests(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
+    """Both objects as one v1 List, which `kubectl apply -f -` accepts as JSON."""
+    return {"apiVersion": "v1", "kind": "List",
+            "items": [service(job_name), job(job_name, trainer_args, environment)]}
+
+
+def kubectl(*arguments: str) -> tuple[str, ...]:
+    return ("kubectl", *([f"--context={FLAGS.context}"] if FLAGS.context else []), *arguments)
+
+
+def check_flags() -> str:
+    """Checks every flag that ends up in a name, label or resource; returns the job name."""
+    cloud.require(FLAGS.image is not None, "--image is required: the tagged image `python -m launch.build` printed.")
+    cloud.check_name("image", FLAGS.image, cloud.IMAGE_REFERENCE, 255)
+    cloud.check_image_accelerator(FLAGS.image, FLAGS.accelerator)
+    cloud.require(FLAGS.output_dir is not None, "--output_dir is required: a gs:// folder for the job's outputs.")
+    cloud.check_name("output_dir", FLAGS.output_dir, cloud.GCS_URI, 900)
+    cloud.require(FLAGS.workers >= 1, f"--workers={FLAGS.workers} must be at least 1.")
+    job_name = FLAGS.job_name or f"cifar-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    # Pod hostnames JOB-INDEX are DNS labels too, and the Service name must start with a letter.
+    cloud.check_name("job_name", job_name, cloud.DNS_1035_LABEL, 63 - len(f"-{FLAGS.workers - 1}"))
+    cloud.check_name("namespace", FLAGS.namespace, cloud.DNS_1123_LABEL, 63)
+    if FLAGS.context is not None:
+        cloud.require(re.fullmatch(r"[^\s=]+", FLAGS.context) is not None,
+                      f"--context={FLAGS.context!r} is not a kubectl context name.")
+    if FLAGS.service_account is not None:
+        cloud.check_name("service_account", FLAGS.service_account, cloud.DNS_1123_SUBDOMAIN, 253)
+    check_resources()
+    return job_name
+
+
+def check_resources() -> None:
+    cloud.require(1 <= FLAGS.port <= 65535, f"--port={FLAGS.port} must be 1 to 65535.")
+    cloud.require(FLAGS.restarts >= 0, f"--restarts={FLAGS.restarts} must be zero or more.")
+    cloud.require(FLAGS.timeout_hours >= 0, f"--timeout_hours={FLAGS.timeout_hours} must be zero (no limit) or more.")
+    for flag in ("cpu", "memory"):
+        if FLAGS[flag].value is not None:
+            cloud.check_name(flag, FLAGS[flag].value, QUANTITY, 20)
+    if FLAGS.accelerator == "gpu":
+        cloud.require(FLAGS.gpus >= 1, f"--gpus={FLAGS.gpus} must be at least 1 with --accelerator=gpu.")
+        cloud.check_name("gpu_type", FLAGS.gpu_type, cloud.KUBERNETES_LABEL_VALUE, 63)
+    if FLAGS.accelerator == "tpu":
+        cloud.require(FLAGS.workers == 1, "--accelerator=tpu runs one pod on a single-host slice; use --workers=1.")
+        cloud.check_name("tpu_type", FLAGS.tpu_type, cloud.KUBERNETES_LABEL_VALUE, 63)
+        cloud.check_name("tpu_topology", FLAGS.tpu_topology, (r"[1-9][0-9]*(x[1-9][0-9]*){1,2}", "AxB or AxBxC"))
+        chips = 1
+        for side in FLAGS.tpu_topology.split("x"):
+            chips *= int(side)
+        cloud.require(chips == FLAGS.tpu_chips, f"--tpu_topology={FLAGS.tpu_topology} has {chips} chips but "
+                      f"--tpu_chips={FLAGS.tpu_chips}; one pod takes the whole single-host slice.")
+
+
+def main(argv: list[str]) -> None:
+    job_name = check_flags()
+    strategy = strategy_name(FLAGS.workers, FLAGS.accelerator, FLAGS.gpus)
+    trainer_args = cloud.trainer_flags(argv[1:], strategy)
+    environment = cloud.parse_environment("env", FLAGS.env)
+    document = manifests(job_name, trainer_args, environment)
+    apply = cloud.Command(kubectl("apply", "-f", "-"), stdin=json.dumps(document, indent=2),
+                          stdin_description="the manifests, printed above")
+    if FLAGS.dry_run:
+        cloud.print_dry_run(document, [apply])
+        return
+    check_context = ["kubectl", "config", "get-contexts", FLAGS.context, "--output=name"] if FLAGS.context else \
+        ["kubectl", "config", "current-context"]
+    cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; run "
+                       "`gcloud container clusters get-credentials CLUSTER --location=LOCATION` and try again.")
+    cloud.run(apply)
+    logging.info("Follow it: kubectl logs --namespace=%s --follow --prefix --selector=job-name=%s "
+                 "--max-log-requests=%d", FLAGS.namespace, job_name, max(FLAGS.workers, 5))
+    print(f"job.batch/{job_name}")
+
+
+if __name__ == "__main__":
+    app.run(cloud.entry_point(main), flags_parser=cloud.parse_flags)

@@ -1,0 +1,242 @@
+"""launch.vertex: the CustomJob request per topology, its schema, hostile input, and missing tools or credentials."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_task
+from conftest import single_error_line
+from launch_fakes import FakeTools
+from launch_fakes import printed_commands
+from trainer import distribution
+
+IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
+TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-tpu"
+BASE = ["--project=my-project", f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifar-test"]
+GCLOUD_LIB = pathlib.Path("/usr/lib/google-cloud-sdk/lib")
+
+
+def dry_run(*flags: str, trainer: tuple[str, ...] = ("--model=resnet50", "--epochs=3")):
+    result = run_task(*BASE, *flags, "--dry_run", "--", *trainer, module="launch.vertex", timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), printed_commands(result.stderr)
+
+
+def test_one_gpu_job():
+    body, commands = dry_run("--topology=one_gpu")
+    (pool,) = body["jobSpec"]["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "n1-standard-8", "acceleratorType": "NVIDIA_TESLA_T4",
+                                   "acceleratorCount": 1}
+    assert pool["replicaCount"] == 1
+    assert pool["containerSpec"] == {"imageUri": IMAGE, "args": ["--strategy=one_device", "--model=resnet50",
+                                                                 "--epochs=3"]}
+    assert body["displayName"] == "cifar-test"
+    assert body["jobSpec"]["baseOutputDirectory"] == {"outputUriPrefix": "gs://my-bucket/runs/cifar-test"}
+    assert body["jobSpec"]["scheduling"]["restartJobOnWorkerRestart"] is True
+    assert commands == [["gcloud", "ai", "custom-jobs", "create", "--project=my-project", "--region=us-central1",
+                         "--display-name=cifar-test", "--labels=topology=one_gpu", "--config=-",
+                         "--format=value(name)"]]
+
+
+def test_multi_gpu_job_on_l4():
+    body, _ = dry_run("--topology=multi_gpu", "--gpus=4", "--gpu_type=NVIDIA_L4")
+    (pool,) = body["jobSpec"]["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "g2-standard-48", "acceleratorType": "NVIDIA_L4",
+                                   "acceleratorCount": 4}
+    assert pool["containerSpec"]["args"][0] == "--strategy=mirrored"
+
+
+def test_multi_worker_job_has_a_chief_pool_and_a_worker_pool():
+    body, _ = dry_run("--topology=multi_worker", "--machines=3", "--gpus=2", "--machine_type=n1-highmem-16",
+                      "--spot", "--timeout_hours=1.5", "--env=TFDS_DATA_DIR=gs://my-bucket/tfds")
+    chief, workers = body["jobSpec"]["workerPoolSpecs"]
+    assert (chief["replicaCount"], workers["replicaCount"]) == (1, 2)
+    for pool in (chief, workers):
+        assert pool["machineSpec"] == {"machineType": "n1-highmem-16", "acceleratorType": "NVIDIA_TESLA_T4",
+                                       "acceleratorCount": 2}
+        assert pool["containerSpec"]["args"][0] == "--strategy=multi_worker_mirrored"
+        assert pool["containerSpec"]["env"] == [{"name": "TFDS_DATA_DIR", "value": "gs://my-bucket/tfds"}]
+    assert body["jobSpec"]["scheduling"] == {"restartJobOnWorkerRestart": True, "timeout": "5400s",
+                                             "strategy": "SPOT"}
+
+
+def test_multi_worker_pools_give_the_trainer_one_cluster():
+    """Vertex AI lists each pool's replicas in CLUSTER_SPEC; the trainer must see all machines, one chief."""
+    body, _ = dry_run("--topology=multi_worker", "--machines=4")
+    pools = body["jobSpec"]["workerPoolSpecs"]
+    cluster = {f"workerpool{index}": [f"workerpool{index}-{replica}:2222" for replica in range(pool["replicaCount"])]
+               for index, pool in enumerate(pools)}
+    tf_config = distribution.tf_config_from_cluster_spec({"cluster": cluster, "task": {"type": "workerpool1",
+                                                                                        "index": 2}})
+    assert len(tf_config["cluster"]["chief"]) == 1 and len(tf_config["cluster"]["worker"]) == 3
+    assert tf_config["task"] == {"type": "worker", "index": 2}
+
+
+def test_tpu_job():
+    body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}", "--tpu_type=TPU_V2")
+    (pool,) = body["jobSpec"]["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "cloud-tpu", "acceleratorType": "TPU_V2", "acceleratorCount": 8}
+    assert pool["containerSpec"]["args"][:2] == ["--strategy=tpu", "--tpu=local"]
+    assert pool["containerSpec"]["imageUri"] == TPU_IMAGE
+
+
+def test_tensorboard_and_labels():
+    tensorboard = "projects/my-project/locations/us-central1/tensorboards/123"
+    body, commands = dry_run(f"--tensorboard={tensorboard}", "--service_account=trainer@my-project.iam.gserviceaccount"
+                             ".com", "--labels=team=vision,experiment=lr_sweep")
+    assert body["jobSpec"]["tensorboard"] == tensorboard
+    assert body["jobSpec"]["serviceAccount"] == "trainer@my-project.iam.gserviceaccount.com"
+    assert body["labels"] == {"topology": "one_gpu", "team": "vision", "experiment": "lr_sweep"}
+    assert "--labels=topology=one_gpu,team=vision,experiment=lr_sweep" in commands[0]
+
+
+VALIDATE_WITH_GCLOUD = """
+import json, sys
+from apitools.base.py import encoding
+from googlecloudsdk.generated_clients.apis.aiplatform.v1 import aiplatform_v1_messages as messages
+
+def unknown(message, path):
+    found = [f"{path}.{name}" for name in message.all_unrecognized_fields()]
+    for field in message.all_fields():
+        values = getattr(message, field.name)
+        for value in values if field.repeated else [values]:
+            if hasattr(value, "all_unrecognized_fields"):
+                found += unknown(value, f"{path}.{field.name}")
+    return found
+
+for body in json.load(sys.stdin):
+    print(json.dumps(unknown(encoding.DictToMessage(body, messages.GoogleCloudAiplatformV1CustomJob), "customJob")))
+"""
+
+
+@pytest.mark.skipif(not (GCLOUD_LIB / "googlecloudsdk").is_dir(), reason="the Google Cloud SDK's libraries (with "
+                    f"Vertex AI's API schema) are not in {GCLOUD_LIB}")
+def test_requests_match_the_vertex_api_schema():
+    """Each topology's request decodes into Vertex AI's v1 CustomJob message (the gcloud SDK's copy) with no unknown
+    field and only known enum values."""
+    variants = [("--topology=one_gpu",), ("--topology=multi_worker", "--spot", "--timeout_hours=2"),
+                ("--topology=tpu", f"--image={TPU_IMAGE}"),
+                ("--tensorboard=projects/p/locations/us-central1/tensorboards/1",
+                 "--service_account=a@p.iam.gserviceaccount.com", "--env=A=b", "--labels=a=b")]
+    bodies = [dry_run(*flags)[0] for flags in variants]
+    env = {**os.environ, "PYTHONPATH": f"{GCLOUD_LIB / 'third_party'}{os.pathsep}{GCLOUD_LIB}"}
+    result = subprocess.run([sys.executable, "-c", VALIDATE_WITH_GCLOUD], input=json.dumps(bodies), text=True,
+                            capture_output=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [[]] * len(variants)
+
+
+@pytest.mark.parametrize("flag, rule", [
+    ("--job_name=Cifar Run", "lowercase letters"),
+    ("--job_name=x;touch pwned", "lowercase letters"),
+    ("--job_name=" + "a" * 64, "at most 63"),
+    ("--labels=team=$(id)", "label value"),
+    ("--labels=Team=vision", "label key"),
+    ("--output_dir=/local/path", "gs://BUCKET/PATH"),
+    ("--output_dir=gs://bucket/a b", "gs://BUCKET/PATH"),
+    ("--image=us-docker.pkg.dev/p/r/cifar-trainer", "with a tag or digest"),
+    ("--image=cifar-trainer:latest;rm -rf ~", "with a tag or digest"),
+    ("--region=us central1", "region"),
+    ("--env=BAD NAME=1", "NAME=VALUE"),
+    ("--env=AIP_MODEL_DIR=gs://elsewhere", "set by the launcher"),
+])
+def test_bad_values_are_refused_naming_the_flag(flag, rule):
+    result = run_task(*BASE, flag, "--dry_run", module="launch.vertex", timeout=60)
+    line = single_error_line(result)
+    assert result.returncode == 2
+    assert flag.split("=")[0] in line and rule in line, line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--topology=one_gpu", "--gpus=2"), "--topology=multi_gpu"),
+    (("--topology=multi_gpu",), "--gpus=2 or more"),
+    (("--topology=multi_worker", "--machines=1"), "--machines=2 or more"),
+    (("--topology=multi_gpu", "--gpus=3"), "--gpus=3 must be one of"),
+    (("--gpu_type=NVIDIA_H100_80GB",), "give --machine_type"),
+    (("--topology=tpu",), "was built for gpu"),
+    (("--tensorboard=projects/p/locations/europe-west4/tensorboards/1",), "same region"),
+    (("--tensorboard=projects/p/locations/us-central1/tensorboards/1",), "needs --service_account"),
+    (("--epochs=3",), "trainer flags go after --"),
+])
+def test_inconsistent_topologies_are_refused(flags, expected):
+    result = run_task(*BASE, *flags, "--dry_run", module="launch.vertex", timeout=60)
+    assert result.returncode == 2
+    assert expected in single_error_line(result)
+
+
+@pytest.mark.parametrize("trainer", [("--strategy=mirrored",), ("--model_dir=gs://x/y",), ("epochs=3",)])
+def test_trainer_flags_the_launcher_owns_or_that_are_not_flags_are_refused(trainer):
+    result = run_task(*BASE, "--dry_run", "--", *trainer, module="launch.vertex", timeout=60)
+    assert result.returncode == 2
+    assert trainer[0].split("=")[0] in single_error_line(result)
+
+
+def fake_gcloud(tmp_path, account: str = "me@example.com") -> FakeTools:
+    tools = FakeTools(tmp_path / "bin")
+    tools.add("gcloud", [(["auth", "list"], account + "\n", 0),
+                         (["ai", "custom-jobs", "create"], "projects/1/locations/us-central1/customJobs/42\n", 0)])
+    return tools
+
+
+def test_submits_with_gcloud_and_passes_hostile_trainer_values_as_data(tmp_path):
+    tools = fake_gcloud(tmp_path)
+    hostile = [f"--train_split=train; touch {tmp_path}/pwned", f"--eval_split=$(touch {tmp_path}/pwned2)",
+               f"--dataset=`touch {tmp_path}/pwned3`", "--weights='quoted \"value\"'"]
+    result = run_task(*BASE, "--topology=multi_worker", "--", *hostile, module="launch.vertex", env=tools.env(),
+                      timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "projects/1/locations/us-central1/customJobs/42"
+    auth, create = tools.calls()
+    assert auth["argv"][:2] == ["auth", "list"]
+    assert create["argv"] == ["ai", "custom-jobs", "create", "--project=my-project", "--region=us-central1",
+                              "--display-name=cifar-test", "--labels=topology=multi_worker", "--config=-",
+                              "--format=value(name)"]
+    job_spec = json.loads(create["stdin"])
+    for pool in job_spec["workerPoolSpecs"]:
+        assert pool["containerSpec"]["args"] == ["--strategy=multi_worker_mirrored", *hostile]
+    assert not list(tmp_path.glob("pwned*"))
+    body, commands = dry_run("--topology=multi_worker", trainer=tuple(hostile))
+    assert job_spec == body["jobSpec"] and commands == [["gcloud", *create["argv"]]]
+
+
+def test_refused_value_never_reaches_gcloud(tmp_path):
+    tools = fake_gcloud(tmp_path)
+    result = run_task(*BASE, f"--job_name=x$(touch {tmp_path}/pwned)", module="launch.vertex", env=tools.env(),
+                      timeout=60)
+    assert result.returncode == 2 and "--job_name" in single_error_line(result)
+    assert tools.calls() == [] and not list(tmp_path.glob("pwned*"))
+
+
+def test_missing_gcloud_is_one_clear_line(tmp_path):
+    tools = FakeTools(tmp_path / "empty")
+    result = run_task(*BASE, module="launch.vertex", env=tools.env(only=True), timeout=60)
+    assert result.returncode == 1
+    assert "gcloud is not installed" in single_error_line(result)
+
+
+def test_no_active_account_is_one_clear_line(tmp_path):
+    tools = fake_gcloud(tmp_path, account="")
+    result = run_task(*BASE, module="launch.vertex", env=tools.env(), timeout=60)
+    assert result.returncode == 1
+    assert "gcloud auth login" in single_error_line(result)
+    assert [call["argv"][:2] for call in tools.calls()] == [["auth", "list"]]
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
+def test_real_gcloud_without_credentials_is_one_clear_line(tmp_path):
+    env = {"CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    result = run_task(*BASE, module="launch.vertex", env=env, timeout=120)
+    assert result.returncode == 1
+    assert "gcloud has no active credentials" in single_error_line(result)
+
+
+def test_help_lists_the_flags():
+    result = run_task("--help", module="launch.vertex", timeout=60)
+    assert result.returncode == 0
+    assert "--topology" in result.stdout and "--output_dir" in result.stdout
