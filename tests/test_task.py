@@ -123,7 +123,7 @@ def test_help_describes_every_flag():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--model=vgg16"], "flag --model=vgg16: value should be one of <cnn|resnet50>"),
+    (["--model=vgg16"], "flag --model=vgg16: value should be one of <cnn|resnet50|airbench>"),
     (["--strategy=horovod"], "flag --strategy=horovod: value should be one of <auto|default|one_device|mirrored"),
     (["--precision=float8"], "value should be one of <auto|float32|mixed_float16|mixed_bfloat16>"),
     (["--batch_size=0"], "--batch_size=0 must be a positive integer"),

@@ -10,7 +10,7 @@ from absl import flags
 from trainer import recipes
 from trainer.errors import UsageError
 
-MODELS = ("cnn", "resnet50")
+MODELS = ("cnn", "resnet50", "airbench")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -18,7 +18,7 @@ LR_SCHEDULES = ("constant", "cosine", "step", "onecycle")
 EARLY_STOPPING_MONITORS = ("eval_accuracy", "eval_loss")
 
 # Side length each model sees when --image_size is not given; None keeps the dataset's own.
-DEFAULT_IMAGE_SIZE = {"cnn": None, "resnet50": 224}
+DEFAULT_IMAGE_SIZE = {"cnn": None, "resnet50": 224, "airbench": None}
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +27,10 @@ flags.DEFINE_enum(
     "A named group of flag values; flags given explicitly still win. " + recipes.describe())
 
 # Model.
-flags.DEFINE_enum("model", "cnn", MODELS, "Network to train.")
+flags.DEFINE_enum(
+    "model", "cnn", MODELS,
+    "Network to train: cnn (the notebook's 2-conv network), resnet50 (ImageNet ResNet50 + head), airbench "
+    "(airbench94's patch-whitened fast network, trained from scratch).")
 flags.DEFINE_string(
     "weights", None,
     "Initial backbone weights: 'imagenet' (default for resnet50), 'none', or the path of a "

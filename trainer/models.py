@@ -6,6 +6,7 @@ import dataclasses
 import keras
 from keras import layers
 
+from trainer import airbench
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
@@ -140,7 +141,7 @@ def _load_model_weights(model: keras.Model, weights: str) -> None:
 
 
 
-MODEL_BUILDERS = {"cnn": build_cnn, "resnet50": build_resnet50}
+MODEL_BUILDERS = {"cnn": build_cnn, "resnet50": build_resnet50, "airbench": airbench.build_airbench}
 
 
 def build(name: str, *, image_shape, num_classes: int, image_size: int | None, dropout: float,
