@@ -11,6 +11,7 @@ from conftest import make_config
 from trainer import config as config_lib
 from trainer import models
 from trainer import optimization
+from trainer import recipes
 from trainer import train
 
 
@@ -116,6 +117,22 @@ def test_recipes_set_their_flags_and_explicit_flags_win():
     assert config.random_flip and config.brightness > 0
     tuned = config_lib.build_config(recipe="finetune", epochs=3, model_dir="unused")
     assert (tuned.model, tuned.weights, tuned.epochs, tuned.fine_tune_stages) == ("resnet50", "imagenet", 3, 5)
+
+
+# Per recipe, what shrinks it to a few steps on this machine; everything else is the recipe's own.
+RECIPE_SMOKE = {"seed": {}, "fast": {}, "finetune": {"weights": "none", "image_size": 32, "fine_tune_epochs": 1}}
+
+
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
+def test_every_recipe_trains_a_few_steps(cifar_dir, tmp_path, recipe):
+    assert set(RECIPE_SMOKE) == set(recipes.RECIPES), "give the new recipe a RECIPE_SMOKE entry"
+    config = make_config(cifar_dir, tmp_path, recipe=recipe, batch_size=32, steps_per_epoch=2, steps_per_loop=2,
+                         train_split="train[:256]", eval_split="test[:64]", **RECIPE_SMOKE[recipe])
+    assert config.model == recipes.RECIPES[recipe]["flags"]["model"]
+    metrics = train.run(config)
+    assert metrics["epochs_completed"] == config.epochs + config.fine_tune_epochs
+    assert all(np.isfinite(entry["train_loss"]) for entry in metrics["history"])
+    assert metrics["flags"]["recipe"] == recipe
 
 
 def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(cifar_dir, tmp_path):

@@ -4,8 +4,20 @@ RECIPES = {
     "seed": {
         "summary": "The notebook's setup: cnn, Adam 1e-3, 10 epochs, flip + brightness, early stopping (patience 5).",
         "flags": {"model": "cnn", "optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": "constant",
-                  "epochs": 10, "batch_size": 128, "dropout": 0.5, "random_flip": True, "brightness": 0.2,
+                  "epochs": 10, "batch_size": 64, "dropout": 0.5, "random_flip": True, "brightness": 0.2,
                   "translate": 0, "early_stopping_patience": 5},
+    },
+    "fast": {
+        "summary": (
+            "airbench94 (Keller Jordan, arXiv:2404.00498) reimplemented: the patch-whitened `airbench` network from "
+            "scratch, 10 epochs at batch 1024, Nesterov SGD (momentum 0.85) with warmup then linear decay, "
+            "decoupled weight decay, label smoothing 0.2, flip + 2-pixel translate on the device, a short EMA "
+            "of the weights, flip test-time augmentation. Published: 94.0% on CIFAR-10 in 3.8 s on an A100."),
+        "flags": {"model": "airbench", "weights": "none", "epochs": 10, "batch_size": 1024, "optimizer": "sgd",
+                  "momentum": 0.85, "learning_rate": 1.5, "lr_schedule": "onecycle", "warmup_epochs": 2.3,
+                  "weight_decay": 0.0089, "label_smoothing": 0.2, "random_flip": True, "translate": 2,
+                  "brightness": 0.0, "ema_decay": 0.95, "tta": True,
+                  "early_stopping_patience": 0},
     },
     "finetune": {
         "summary": (
@@ -30,3 +42,16 @@ def describe() -> str:
         settings = " ".join(f"--{flag}={value}" for flag, value in recipe["flags"].items())
         lines.append(f"{name}: {recipe['summary']} Sets: {settings}.")
     return " | ".join(lines)
+
+
+def markdown() -> str:
+    """The README's table of recipes (tests check that the README holds exactly this)."""
+    rows = ["| Recipe | What it is | Flags it sets |", "|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        settings = " ".join(f"`--{flag}={value}`" for flag, value in recipe["flags"].items())
+        rows.append(f"| `{name}` | {recipe['summary']} | {settings} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
