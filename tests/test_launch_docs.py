@@ -20,7 +20,9 @@ def guide_text() -> str:
     if GUIDE.is_file():
         return GUIDE.read_text()
     readme = (ROOT / "README.md").read_text()
-    return readme[readme.index("## Run on Google Cloud"):]
+    section = readme[readme.index("## Run on Google Cloud"):]
+    following = section.find("\n## ", 1)
+    return section if following < 0 else section[:following]
 
 
 def guide_commands() -> list[str]:
