@@ -32,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 from trainer import data  # noqa: E402
 from trainer import distribution  # noqa: E402
+from trainer import models  # noqa: E402
 from trainer import progress  # noqa: E402
 from trainer import recipes  # noqa: E402
 from trainer import train  # noqa: E402
@@ -48,6 +49,9 @@ BATCH_SIZE = 128
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 # Models at the sizes measured here: resnet50 at 64x64 (224x224 runs at a few images/s on 2 cores).
 MODELS = {"cnn": {}, "airbench": {}, "resnet50": {"image_size": 64, "weights": "none"}}
+# Steps per timed call, float32 and mixed_bfloat16: the slow ones take seconds a step, so loop overhead is
+# negligible there and fewer steps keep the whole table within minutes.
+LOOP_STEPS = {"cnn": (50, 10), "airbench": (10, 2), "resnet50": (10, 2)}
 CNN_FEATURES = ("--model=cnn --epochs=10 --batch_size=128 --optimizer=adam --learning_rate=0.003 "
                 "--lr_schedule=onecycle --label_smoothing=0.1 --translate=2 --brightness=0 --dropout=0.3 "
                 "--early_stopping_patience=0")
@@ -159,10 +163,13 @@ def benchmark_throughput() -> dict:
         for precision in ("float32", "mixed_bfloat16"):
             for jit in (False, True):
                 trainer = make_trainer(model, precision, jit_compile=jit)
-                medians = timed_rounds({"real": loop_runner(trainer, trainer.training_iterator(trainer.phases[0])),
-                                        "synthetic": loop_runner(trainer, synthetic_iterator(trainer))}, rounds=3)
-                rows.append({"model": model, "precision": precision, "jit_compile": jit, **medians,
-                             "ratio": medians["real"] / medians["synthetic"]})
+                steps = LOOP_STEPS[model][precision != "float32"]
+                medians = timed_rounds(
+                    {"real": loop_runner(trainer, trainer.training_iterator(trainer.phases[0]), steps),
+                     "synthetic": loop_runner(trainer, synthetic_iterator(trainer), steps)},
+                    rounds=3, warmup_steps=steps)
+                rows.append({"model": model, "precision": precision, "jit_compile": jit, "steps_per_loop": steps,
+                             **medians, "ratio": medians["real"] / medians["synthetic"]})
                 logging.info("throughput %s", rows[-1])
     return {"rows": rows}
 
@@ -190,8 +197,9 @@ def benchmark_fit() -> dict:
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         batches = training_batches(50000).map(lambda images, labels: (tf.cast(images, tf.float32), labels))
-        medians = timed_rounds({"ours": loop_runner(trainer, trainer.training_iterator(trainer.phases[0])),
-                                "fit": fit_runner(reference, batches)})
+        steps = LOOP_STEPS[model][0]
+        medians = timed_rounds({"ours": loop_runner(trainer, trainer.training_iterator(trainer.phases[0]), steps),
+                                "fit": fit_runner(reference, batches)}, warmup_steps=steps)
         rows.append({"model": model, **medians, "ratio": medians["ours"] / medians["fit"]})
         logging.info("fit %s", rows[-1])
     return {"rows": rows}
@@ -207,6 +215,7 @@ def run_job(name: str, flags_text: str) -> dict:
     metrics = json.loads((model_dir / "metrics.json").read_text())
     return {"command": "python -m trainer.task " + flags_text, "wall_seconds": time.perf_counter() - began,
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],
+            "train_images_per_second": metrics["train_images_per_second"],
             "history": [{key: entry[key] for key in ("epoch", "eval_accuracy", "elapsed_seconds")}
                         for entry in metrics["history"]], "model_dir": str(model_dir)}
 
@@ -229,6 +238,21 @@ def benchmark_fast() -> dict:
     if "fast90" in recipes.RECIPES:
         results["fast90"] = run_job("fast90", "--recipe=fast90")
     return results
+
+
+def training_gflops_per_image(model_name: str) -> float:
+    """Multiply-adds of the convolutions and dense layers for one 32x32 image, x2 FLOPs, x3 for forward + backward."""
+    network = models.build(model_name, image_shape=(32, 32, 3), num_classes=10, image_size=None, dropout=0.0,
+                           weights="none")
+    multiply_adds = 0
+    for layer in network.model.layers:
+        if isinstance(layer, keras.layers.Conv2D) or type(layer).__name__ == "PatchWhitening":
+            kernel = layer.kernel.shape
+            output = layer.output.shape
+            multiply_adds += int(np.prod(output[1:3])) * int(np.prod(kernel))
+        elif isinstance(layer, keras.layers.Dense):
+            multiply_adds += int(np.prod(layer.kernel.shape))
+    return 3 * 2 * multiply_adds / 1e9
 
 
 def benchmark_cache() -> dict:
@@ -267,7 +291,8 @@ def _throughput_rows(results: dict) -> list[str]:
     for row in results.get("throughput", {}).get("rows", []):
         lines.append(f"| `{row['model']}` {row['precision']}, XLA {'on' if row['jit_compile'] else 'off'} | "
                      f"{row['real']:,.0f} img/s real, {row['synthetic']:,.0f} synthetic ({row['ratio']:.0%}) | "
-                     f"batch {BATCH_SIZE}, flip + brightness on the device; synthetic = one in-memory batch | "
+                     f"batch {BATCH_SIZE}, {row['steps_per_loop']} steps per call, flip + brightness on the device; "
+                     "synthetic = one in-memory batch | "
                      f"{_when(results['throughput'])} |")
     for row in results.get("sweep", {}).get("rows", []):
         lines.append(f"| `cnn` batch {row['batch_size']}, steps_per_loop {row['steps_per_loop']} | "
@@ -295,8 +320,9 @@ def _accuracy_rows(results: dict) -> list[str]:
         times = ", ".join(f"{target:.0%} after {progress.format_duration(seconds)}" if seconds else
                           f"{target:.0%} not reached" for target, seconds in reached.items())
         wall = progress.format_duration(run["wall_seconds"])
-        lines.append(f"| `--recipe={key}` | {run['test_accuracy']:.2%} in {wall} ({times}) | `{run['command']}` | "
-                     f"{_when(results['fast'])} |")
+        speed = _training_speed(run, recipes.RECIPES[key]["flags"]["model"])
+        lines.append(f"| `--recipe={key}` | {run['test_accuracy']:.2%} in {wall} ({times}); {speed} | "
+                     f"`{run['command']}` | {_when(results['fast'])} |")
     if "cache" in results:
         cache = results["cache"]
         uncached, cached = cache["uncached"]["epoch_seconds"], cache["cached"]["epoch_seconds"]
@@ -305,6 +331,17 @@ def _accuracy_rows(results: dict) -> list[str]:
                      f"({np.mean(uncached[1:]) / max(np.mean(cached[1:]), 1e-9):.0f}x on epochs after the first) | "
                      f"`{cache['command']}` | {_when(cache)} |")
     return lines
+
+
+def _training_speed(run: dict, model_name: str) -> str:
+    """Training img/s and the arithmetic rate it means, which shows how close to the CPU's limit it runs."""
+    images_per_second = run.get("train_images_per_second")
+    if images_per_second is None:  # Recorded before run_job kept it: the run's own metrics.json has it.
+        images_per_second = json.loads((pathlib.Path(run["model_dir"]) / "metrics.json").read_text())[
+            "train_images_per_second"]
+    gflops = training_gflops_per_image(model_name)
+    return (f"{images_per_second:,.0f} img/s x {gflops:.2f} GFLOP per training image = "
+            f"{images_per_second * gflops:,.0f} GFLOP/s")
 
 
 def update_readme(table: str) -> None:
