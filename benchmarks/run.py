@@ -62,8 +62,9 @@ def machine() -> dict:
                platform.processor())
     cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
+    # Uncommitted code changes mark the commit; the files this script and others regenerate do not.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md",
+                            ":!benchmarks/*.json"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {"date": datetime.date.today().isoformat(), "commit": commit.strip() + ("+changes" if dirty else ""),
             "cpu": cpu, "cores": os.cpu_count(), "avx512": any(flag.startswith("avx512") for flag in cpu_flags),
             "amx": any(flag.startswith("amx") for flag in cpu_flags),
