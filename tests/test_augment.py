@@ -91,3 +91,22 @@ def test_with_mixup_and_cutmix_each_batch_uses_one_of_them():
         pixels_from_one_image = np.mean(np.isin(mixed.numpy(), images.numpy()))
         kinds.add("cutmix" if pixels_from_one_image > 0.99 else "mixup")
     assert kinds == {"cutmix", "mixup"}
+
+
+def test_alternating_flip_shows_every_example_both_ways_every_two_epochs():
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (64, 4, 4, 3)), tf.float32)
+    config = augment.AugmentConfig(random_flip=True, alternating_flip=True)
+    indices = tf.range(64, dtype=tf.int64)
+
+    def flipped(epoch, step_seed):
+        result = augment.augment(images, seed(step_seed), config, indices, epoch, base_seed=3).numpy()
+        mirrored = np.all(result == images.numpy()[:, :, ::-1], axis=(1, 2, 3))
+        assert np.all(mirrored | np.all(result == images.numpy(), axis=(1, 2, 3)))
+        return mirrored
+
+    first = flipped(0, 1)
+    assert 16 < first.sum() < 48  # A random half...
+    np.testing.assert_array_equal(flipped(1, 2), ~first)  # ...and the other half next epoch,
+    np.testing.assert_array_equal(flipped(2, 3), first)  # whatever the step's own random draw.
+    other_seed = augment.augment(images, seed(1), config, indices, 0, base_seed=4).numpy()
+    assert not np.array_equal(other_seed, augment.augment(images, seed(1), config, indices, 0, base_seed=3).numpy())

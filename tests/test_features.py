@@ -70,6 +70,53 @@ def test_tta_export_averages_the_image_and_its_mirror():
     assert not np.allclose(plain, mirrored)
 
 
+def test_translate_tta_gives_the_shifted_pairs_half_the_weight():
+    model = models.build("cnn", image_shape=(32, 32, 3), num_classes=10, image_size=None, dropout=0.0,
+                         weights="none").model
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    flip_tta = models.inference_model(model, (32, 32, 3), tta=True)
+    padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
+    up_left, down_right = padded[:, :32, :32], padded[:, 4:36, 4:36]
+    expected = (0.5 * flip_tta(images).numpy() + 0.25 * flip_tta(up_left).numpy()
+                + 0.25 * flip_tta(down_right).numpy())
+    translated = models.inference_model(model, (32, 32, 3), tta=True, tta_translate=2)(images).numpy()
+    np.testing.assert_allclose(translated, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(translated.sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(translated, flip_tta(images).numpy())
+
+
+def test_lookahead_pulls_the_weights_back_to_the_slow_copy_on_its_schedule():
+    layer = keras.layers.Dense(2)
+    layer.build((None, 2))
+    start = layer.kernel.numpy().copy()
+    lookahead = optimization.Lookahead(layer.weights, every=2, decay=0.9)
+    strategy = tf.distribute.get_strategy()
+    layer.kernel.assign(start + 1.0)
+    lookahead.update(strategy, 1, 4)  # Not a multiple of 2: nothing happens.
+    np.testing.assert_allclose(layer.kernel.numpy(), start + 1.0)
+    lookahead.update(strategy, 2, 4)  # Halfway through the phase: decay 0.9^2 * 0.5^3.
+    decay = 0.9 ** 2 * 0.5 ** 3
+    expected = start * decay + (start + 1.0) * (1 - decay)
+    np.testing.assert_allclose(lookahead.slow[0].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(layer.kernel.numpy(), expected, rtol=1e-6)
+    layer.kernel.assign(start + 5.0)
+    lookahead.finish(strategy)  # The phase ends on the slow weights.
+    np.testing.assert_allclose(layer.kernel.numpy(), expected, rtol=1e-6)
+
+
+def test_lookahead_trains_the_same_under_mirrored_and_changes_the_result(cifar_dir, tmp_path):
+    common = dict(dropout=0.0, random_flip=False, brightness=0.0, steps_per_epoch=6, steps_per_loop=3, seed=2,
+                  optimizer="sgd", learning_rate=0.05)
+    runs = {}
+    for name, overrides in (("default", dict(lookahead_steps=2)),
+                            ("mirrored", dict(strategy="mirrored", cpu_devices=2, lookahead_steps=2)),
+                            ("plain", {})):
+        metrics = train.run(make_config(cifar_dir, tmp_path / name, **common, **overrides))
+        runs[name] = metrics["weights_fingerprint"], metrics["test_loss"]
+    assert runs["mirrored"][1] == pytest.approx(runs["default"][1], rel=1e-4)
+    assert runs["plain"][1] != pytest.approx(runs["default"][1], rel=1e-3)
+
+
 def test_ema_and_tta_change_what_evaluation_sees(cifar_dir, tmp_path):
     config = make_config(cifar_dir, tmp_path, steps_per_epoch=6, ema_decay=0.99, tta=True)
     strategy = tf.distribute.get_strategy()
@@ -104,8 +151,8 @@ def test_every_feature_at_once_trains_under_mirrored(cifar_dir, tmp_path):
     metrics = train.run(make_config(
         cifar_dir, tmp_path, strategy="mirrored", cpu_devices=2, steps_per_epoch=4, epochs=2, optimizer="sgd",
         learning_rate=0.05, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1,
-        mixup=0.2, cutmix=1.0, translate=2, ema_decay=0.9, clip_grad_norm=1.0, tta=True,
-        early_stopping_patience=1))
+        mixup=0.2, cutmix=1.0, translate=2, alternating_flip=True, ema_decay=0.9, lookahead_steps=2,
+        clip_grad_norm=1.0, tta=True, tta_translate=1, early_stopping_patience=1))
     assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_loss"])
     assert all(np.isfinite(entry["train_loss"]) for entry in metrics["history"])
     assert os.path.exists(tmp_path / "export" / "saved_model.pb")

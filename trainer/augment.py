@@ -8,6 +8,8 @@ import tensorflow as tf
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     random_flip: bool = True
+    # Flip each example in every other epoch instead of at random (random_flip must be on).
+    alternating_flip: bool = False
     brightness: float = 0.0  # Largest brightness change, as a fraction of the 0-255 range.
     translate: int = 0  # Largest shift in pixels, with reflect padding.
     mixup: float = 0.0  # Beta(alpha, alpha) parameter; 0 is off.
@@ -33,10 +35,27 @@ def step_seed(base_seed: int, step: tf.Tensor) -> tf.Tensor:
 DRAWS = 4
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
-    """Augments a batch of float 0-255 images [B, H, W, C]; every image draws its own transform."""
+def augment(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig, indices: tf.Tensor | None = None,
+            epoch: tf.Tensor | int = 0, base_seed: int = 0) -> tf.Tensor:
+    """Augments a batch of float 0-255 images [B, H, W, C]; every image draws its own transform.
+
+    With alternating flips, `indices` (the examples' positions in the split), `epoch` and the run's
+    `base_seed` decide the flips instead of the draw.
+    """
     uniforms = tf.random.stateless_uniform([tf.shape(images)[0], DRAWS], seed)
+    if config.random_flip and config.alternating_flip:
+        uniforms = tf.concat([alternating_flip_draws(indices, epoch, base_seed), uniforms[:, 1:]], axis=1)
     return transform(images, uniforms, config)
+
+
+def alternating_flip_draws(indices: tf.Tensor, epoch: tf.Tensor | int, seed: int) -> tf.Tensor:
+    """Flip draws [B, 1] (below 0.5 flips) that flip a fixed random half of the examples in even epochs and
+    the other half in odd ones: airbench's alternating flip, which shows every example both ways every two
+    epochs instead of leaving it to chance."""
+    first_epoch_flip = view_uniforms(indices, tf.zeros_like(indices), seed)[:, 0] < 0.5
+    odd_epoch = tf.cast(epoch, tf.int64) % 2 == 1
+    flip = tf.math.logical_xor(first_epoch_flip, odd_epoch)
+    return tf.where(flip, 0.25, 0.75)[:, tf.newaxis]
 
 
 def augment_views(images: tf.Tensor, indices: tf.Tensor, step: tf.Tensor, steps_per_epoch: int, views: int,

@@ -100,10 +100,20 @@ flags.DEFINE_float(
     "ema_decay", 0.0,
     "Keep an exponential moving average of the weights with this decay (e.g. 0.999) and use it for "
     "evaluation, best-weight selection and the export; 0 turns it off.")
+flags.DEFINE_integer(
+    "lookahead_steps", 0,
+    "Lookahead (hlb-CIFAR10, airbench): every N steps, move a slow copy of the weights toward the weights and "
+    "continue training from it. Its decay rises along a cubic ramp over each phase to --lookahead_decay^N, and "
+    "the phase ends on the slow weights. 0 turns it off.")
+flags.DEFINE_float("lookahead_decay", 0.95, "Per-step decay of --lookahead_steps' slow weights at the end of a phase.")
 flags.DEFINE_bool(
     "tta", False,
     "Flip test-time augmentation: evaluate (and export) the average of the predictions for each image "
     "and its mirror image.")
+flags.DEFINE_integer(
+    "tta_translate", 0,
+    "With --tta, also average over the image and its mirror shifted N pixels up-left and down-right (reflect "
+    "padding); the shifted views share half the weight, as in airbench's multi-crop TTA. 0 turns it off.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
 flags.DEFINE_integer(
     "early_stopping_patience", 5,
@@ -127,6 +137,10 @@ flags.DEFINE_integer(
 
 # Augmentation, applied on the accelerator.
 flags.DEFINE_bool("random_flip", True, "Random horizontal flips.")
+flags.DEFINE_bool(
+    "alternating_flip", False,
+    "With --random_flip: flip a random half of the examples in the first epoch and flip each example in every "
+    "other epoch after that (airbench), so every example is seen both ways every two epochs.")
 flags.DEFINE_float(
     "brightness", 0.2, "Maximum random brightness change, as a fraction of the pixel range; 0 turns it off.")
 flags.DEFINE_integer("translate", 0, "Random translation of up to this many pixels (reflect padding); 0 turns it off.")
@@ -194,7 +208,10 @@ class Config:
     label_smoothing: float
     clip_grad_norm: float
     ema_decay: float
+    lookahead_steps: int
+    lookahead_decay: float
     tta: bool
+    tta_translate: int
     seed: int
     early_stopping_patience: int
     early_stopping_monitor: str
@@ -202,6 +219,7 @@ class Config:
     fine_tune_learning_rate: float
     fine_tune_stages: int
     random_flip: bool
+    alternating_flip: bool
     brightness: float
     translate: int
     augment_views: int
@@ -308,6 +326,13 @@ def validate(config: Config) -> None:
     _require(0 <= config.label_smoothing < 1, f"--label_smoothing={config.label_smoothing} must be in [0, 1).")
     _require(config.clip_grad_norm >= 0, f"--clip_grad_norm={config.clip_grad_norm} must be zero (off) or more.")
     _require(0 <= config.ema_decay < 1, f"--ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999.")
+    _require(config.lookahead_steps >= 0, f"--lookahead_steps={config.lookahead_steps} must be zero (off) or more.")
+    _require(0 < config.lookahead_decay < 1, f"--lookahead_decay={config.lookahead_decay} must be in (0, 1).")
+    _require(config.tta_translate >= 0, f"--tta_translate={config.tta_translate} must be zero (off) or more pixels.")
+    _require(config.tta or not config.tta_translate, f"--tta_translate={config.tta_translate} needs --tta.")
+    _require(config.random_flip or not config.alternating_flip, "--alternating_flip needs --random_flip.")
+    _require(not (config.alternating_flip and config.augment_views),
+             "--alternating_flip and --augment_views both fix each example's flips; use one of them.")
     _require(config.mixup >= 0 and config.cutmix >= 0,
              f"--mixup={config.mixup} and --cutmix={config.cutmix} must be zero (off) or positive.")
     _require(config.augment_views >= 0, f"--augment_views={config.augment_views} must be zero or more.")

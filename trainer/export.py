@@ -12,14 +12,15 @@ from trainer import models
 LABELS_FILE = os.path.join("assets.extra", "labels.txt")
 
 
-def export_model(model: keras.Model, image_shape, class_names, directory: str, tta: bool = False) -> None:
+def export_model(model: keras.Model, image_shape, class_names, directory: str, tta: bool = False,
+                 tta_translate: int = 0) -> None:
     """Writes the SavedModel next to `directory` and swaps it in, so a crash leaves the old one intact.
 
     It reloads with plain TensorFlow: `tf.saved_model.load(directory).serve(uint8_images)`.
     """
     staging = f"{directory}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    inference = models.inference_model(model, image_shape, tta=tta)
+    inference = models.inference_model(model, image_shape, tta=tta, tta_translate=tta_translate)
     archive = keras.export.ExportArchive()
     archive.track(inference)
     archive.add_endpoint("serve", inference.call,

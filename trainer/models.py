@@ -159,15 +159,33 @@ def unfreeze_top_stages(network: Network, num_stages: int) -> None:
         layer.trainable = layer.name.split("_")[0] in stages
 
 
-def inference_model(model: keras.Model, image_shape, tta: bool = False) -> keras.Model:
-    """Wraps a logits model into one that takes raw uint8 images and returns probabilities.
-
-    With `tta`, the probabilities are the average over each image and its mirror image.
-    """
+def inference_model(model: keras.Model, image_shape, tta: bool = False, tta_translate: int = 0) -> keras.Model:
+    """Wraps a logits model into one that takes raw uint8 images and returns probabilities, with the
+    test-time augmentation of `test_time_probabilities` inside."""
     inputs = keras.Input(shape=tuple(image_shape), dtype="uint8", name="images")
-    pixels = keras.ops.cast(inputs, "float32")
-    probabilities = layers.Softmax(dtype="float32")(model(pixels, training=False))
-    if tta:
-        mirrored = layers.Softmax(dtype="float32")(model(keras.ops.flip(pixels, axis=2), training=False))
-        probabilities = layers.Average(dtype="float32")([probabilities, mirrored])
+    probabilities = test_time_probabilities(model, keras.ops.cast(inputs, "float32"), tta, tta_translate)
     return keras.Model(inputs, probabilities, name=f"{model.name}_inference")
+
+
+def test_time_probabilities(model: keras.Model, pixels, tta: bool = False, tta_translate: int = 0):
+    """Class probabilities (float32) of float 0-255 images, averaged over test-time views.
+
+    With `tta`, over each image and its mirror image. With `tta_translate` too, that pair counts half
+    and the other half goes to the pair shifted `tta_translate` pixels up-left and down-right with
+    reflect padding (airbench's multi-crop TTA). Probabilities are averaged, not logits, so the result
+    stays a distribution whatever the views disagree on.
+    """
+    def probabilities(views):
+        outputs = [keras.ops.softmax(keras.ops.cast(model(view, training=False), "float32")) for view in views]
+        return sum(outputs[1:], outputs[0]) / len(outputs)
+
+    if not tta:
+        return probabilities([pixels])
+    unshifted = probabilities([pixels, keras.ops.flip(pixels, axis=2)])
+    if not tta_translate:
+        return unshifted
+    shift, height, width = tta_translate, pixels.shape[1], pixels.shape[2]
+    padded = keras.ops.pad(pixels, [[0, 0], [shift, shift], [shift, shift], [0, 0]], mode="reflect")
+    shifted = [padded[:, :height, :width], padded[:, 2 * shift:2 * shift + height, 2 * shift:2 * shift + width]]
+    shifted = probabilities([view for image in shifted for view in (image, keras.ops.flip(image, axis=2))])
+    return 0.5 * unshifted + 0.5 * shifted

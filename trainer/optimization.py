@@ -126,3 +126,39 @@ class WeightAverage:
 
     def checkpoint_objects(self) -> dict:
         return {"averages": self.averages, "updates": self.updates}
+
+
+class Lookahead:
+    """Lookahead as hlb-CIFAR10 and airbench use it: slow weights that the training weights return to.
+
+    Every `every` steps the slow weights move toward the current ones by 1 - decay, and training
+    continues from the slow weights. The decay ramps up as progress^3 to `decay ** every` over a phase,
+    so early training is untouched and late training is smoothed; the phase ends on the slow weights.
+    BatchNorm statistics are included, as in airbench.
+    """
+
+    def __init__(self, weights: list, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.weights = [weight for weight in weights if weight.dtype in ("float16", "bfloat16", "float32", "float64")]
+        self.slow = [tf.Variable(weight.value, trainable=False) for weight in self.weights]
+
+    def update(self, strategy: tf.distribute.Strategy, steps_done, phase_steps: int) -> None:
+        """Call in cross-replica context after each step, with the phase's count of steps done."""
+        steps_done = tf.cast(steps_done, tf.int64)
+
+        def pull():
+            progress = tf.cast(steps_done, tf.float32) / float(max(phase_steps, 1))
+            self._merge(strategy, self.decay ** self.every * tf.minimum(progress, 1.0) ** 3)
+
+        tf.cond(steps_done % self.every == 0, pull, lambda: None)
+
+    def finish(self, strategy: tf.distribute.Strategy) -> None:
+        """Ends a phase on the slow weights (airbench's final update, with decay 1)."""
+        self._merge(strategy, tf.constant(1.0))
+
+    def _merge(self, strategy: tf.distribute.Strategy, decay: tf.Tensor) -> None:
+        for slow, weight in zip(self.slow, self.weights):
+            strategy.extended.update(slow, lambda mean, value: mean.assign(mean * decay + value * (1.0 - decay)),
+                                     args=(weight.value,), group=False)
+            strategy.extended.update(weight.value, lambda variable, value: variable.assign(value),
+                                     args=(slow,), group=False)

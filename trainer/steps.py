@@ -72,8 +72,8 @@ class Trainer:
         self.steps_per_epoch = data.training_steps_per_epoch(
             info.num_train_examples, config.batch_size, config.steps_per_epoch)
         self.eval_steps = data.evaluation_steps(info.num_eval_examples, config.batch_size)
-        self.augment_config = augment.AugmentConfig(config.random_flip, config.brightness, config.translate,
-                                                    config.mixup, config.cutmix)
+        self.augment_config = augment.AugmentConfig(config.random_flip, config.alternating_flip, config.brightness,
+                                                    config.translate, config.mixup, config.cutmix)
         self.jit_compile = distribution.resolve_jit_compile(config.jit_compile, strategy)
         self._train_examples = builder, config.train_split
         self._eval_examples = builder, config.eval_split
@@ -95,6 +95,8 @@ class Trainer:
             self.best_weights = [tf.Variable(weight.value, trainable=False) for weight in self.model.weights]
             self.average = (optimization.WeightAverage(self.model.weights, config.ema_decay)
                             if config.ema_decay else None)
+            self.lookahead = (optimization.Lookahead(self.model.weights, config.lookahead_steps, config.lookahead_decay)
+                              if config.lookahead_steps else None)
         self.state = TrainingState()
         self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
         self._eval_loop = self._make_eval_loop()
@@ -139,6 +141,8 @@ class Trainer:
                    "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
         if self.average is not None:
             objects["weight_average"] = self.average.checkpoint_objects()
+        if self.lookahead is not None:
+            objects["lookahead"] = self.lookahead.slow
         return objects
 
     @contextlib.contextmanager
@@ -206,7 +210,7 @@ class Trainer:
             images = augment.augment_views(images, indices, step, self.steps_per_epoch, config.augment_views,
                                            config.seed, augment_config)
         elif augment_config.enabled:
-            images = augment.augment(images, seed, augment_config)
+            images = augment.augment(images, seed, augment_config, indices, step // self.steps_per_epoch, config.seed)
         if augment_config.mixes:
             images, targets = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
                                           augment_config.mixup, augment_config.cutmix)
@@ -256,7 +260,9 @@ class Trainer:
 
     def _make_train_loop(self, phase: Phase):
         optimizer, variables = phase.optimizer, phase.variables
-        batch_size, clip_norm, average = self.config.batch_size, self.config.clip_grad_norm, self.average
+        batch_size, clip_norm, average, lookahead = (self.config.batch_size, self.config.clip_grad_norm,
+                                                     self.average, self.lookahead)
+        phase_steps = (phase.end_epoch - phase.first_epoch) * self.steps_per_epoch
         forward = self._cached_forward(self._feature_table()) if phase.cached else self._forward
 
         def replica_step(images, labels, indices, step):
@@ -285,6 +291,8 @@ class Trainer:
                 step = first_step + tf.cast(index, tf.int64)
                 replica_losses = self.strategy.run(compiled_step, args=(images, labels, indices, step))
                 losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, replica_losses, None))
+                if lookahead is not None:
+                    lookahead.update(self.strategy, optimizer.iterations, phase_steps)
                 if average is not None:
                     average.update(self.strategy)
             return losses.stack()
@@ -292,14 +300,10 @@ class Trainer:
         return train_loop
 
     def _make_eval_loop(self):
-        model, tta = self.model, self.config.tta
+        model, tta, tta_translate = self.model, self.config.tta, self.config.tta_translate
 
         def replica_step(images, labels):
-            images = tf.cast(images, tf.float32)
-            probabilities = tf.nn.softmax(model(images, training=False))
-            if tta:
-                mirrored = tf.nn.softmax(model(tf.image.flip_left_right(images), training=False))
-                probabilities = (probabilities + mirrored) / 2
+            probabilities = models.test_time_probabilities(model, tf.cast(images, tf.float32), tta, tta_translate)
             weights = tf.cast(labels != data.PADDING_LABEL, tf.float32)
             labels = tf.maximum(labels, 0)
             self.eval_loss.update_state(self.eval_loss_fn(labels, probabilities), sample_weight=weights)
@@ -336,7 +340,8 @@ class Trainer:
         images = tf.cast(data.sample_images(builder, split, count), tf.float32)
         seed = augment.step_seed(self.config.seed, tf.constant(0, tf.int64))
         if self.augment_config.enabled:
-            images = augment.augment(images, seed, self.augment_config)
+            images = augment.augment(images, seed, self.augment_config, tf.range(count, dtype=tf.int64), 0,
+                                     self.config.seed)
         if self.augment_config.mixes:
             targets = tf.one_hot(tf.range(count) % self.info.num_classes, self.info.num_classes)
             images, _ = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),

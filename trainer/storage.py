@@ -131,8 +131,9 @@ def has_checkpoint(paths: RunPaths) -> bool:
 
 def check_resumable(previous: dict, config: "Config", model_dir: str) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the file.
+    # A flag missing from the file did not exist when the run started, so there is nothing to compare it with.
     changed = [f"--{name}={previous.get(name)!r} before, {value!r} now" for name, value in current.items()
-               if name not in RESUMABLE_CHANGES and previous.get(name) != value]
+               if name not in RESUMABLE_CHANGES and name in previous and previous[name] != value]
     if changed:
         raise UsageError(f"--model_dir={model_dir} holds a run started with other flags ({'; '.join(changed)}); "
                          "rerun with the same flags to resume it, or give a new --model_dir.")

@@ -172,6 +172,8 @@ class _Loop:
                 self.store.save(step)
                 since_checkpoint = 0
             guard.check(step)
+        if trainer.lookahead is not None and epoch + 1 == phase.end_epoch:
+            trainer.lookahead.finish(trainer.strategy)
         self._end_epoch(phase, epoch, epoch_images / max(epoch_seconds, 1e-9), epoch_seconds)
 
     def _end_epoch(self, phase: Phase, epoch: int, images_per_second: float, train_seconds: float) -> None:
@@ -248,7 +250,7 @@ class _Loop:
         export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
         with trainer.evaluation_weights():
             export.export_model(trainer.model, trainer.info.image_shape, trainer.info.class_names, export_dir,
-                                tta=config.tta)
+                                tta=config.tta, tta_translate=config.tta_translate)
         if not self.chief:
             tf.io.gfile.rmtree(export_dir)
             return {}
