@@ -199,3 +199,17 @@ def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(
     assert not np.allclose(first_kernel.numpy(), before)  # The whole backbone trains...
     # ...but a fresh backbone's zero means would have moved under training-mode BatchNorm.
     assert statistics and all(np.all(mean.numpy() == 0) for mean in statistics)
+
+
+def test_final_evaluation_and_export_agree_on_translate_tta(cifar_dir, tmp_path):
+    from trainer import data
+
+    metrics = train.run(make_config(cifar_dir, tmp_path, steps_per_epoch=4, tta=True, tta_translate=1))
+    export = tf.saved_model.load(str(tmp_path / "export"))
+    builder = data.load_builder("cifar10", cifar_dir)
+    images, labels = zip(*data.decoded_examples(builder, "test[:256]").batch(256).as_numpy_iterator())
+    probabilities = export.serve(images[0]).numpy()
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels[0]))
+    assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1 / 256)
+    # Same weights, but the epoch's evaluation used the flip pair only.
+    assert metrics["test_loss"] != pytest.approx(metrics["history"][-1]["eval_loss"], rel=1e-5)

@@ -117,3 +117,33 @@ def test_early_stopping_restores_the_best_weights(cifar_dir, tmp_path):
     assert metrics["best_epoch"] == best + 1
     assert metrics["test_accuracy"] == pytest.approx(history[best]["eval_accuracy"], abs=1e-6)
     assert len(history) < 6 and history[-1]["eval_accuracy"] <= history[best]["eval_accuracy"]
+
+
+class _StopAfterEpoch(Exception):
+    """Stands for a run that dies right after a checkpoint, in-process."""
+
+
+def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_dir, tmp_path, monkeypatch):
+    # Adam at this rate stalls near chance, so early stopping (patience 1) decides where the run ends;
+    # the rerun only matches if it restores the optimizer, the early-stopping state and the best weights.
+    common = dict(epochs=6, early_stopping_patience=1, learning_rate=0.02, steps_per_epoch=4, dropout=0.0)
+    straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
+    assert straight["epochs_completed"] < 6, "early stopping should end this run early"
+
+    end_epoch = train._Loop._end_epoch
+
+    def end_epoch_then_stop(loop, phase, epoch, *args):
+        end_epoch(loop, phase, epoch, *args)
+        if epoch == 0:
+            raise _StopAfterEpoch()
+
+    monkeypatch.setattr(train._Loop, "_end_epoch", end_epoch_then_stop)
+    with pytest.raises(_StopAfterEpoch):
+        train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    monkeypatch.undo()
+    resumed = train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    for key in ("epochs_completed", "best_epoch", "weights_fingerprint"):
+        assert resumed[key] == straight[key], key
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+    for ours, theirs in zip(resumed["history"], straight["history"]):
+        assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-6)

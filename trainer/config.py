@@ -113,7 +113,8 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
     "tta_translate", 0,
     "With --tta, also average over the image and its mirror shifted N pixels up-left and down-right (reflect "
-    "padding); the shifted views share half the weight, as in airbench's multi-crop TTA. 0 turns it off.")
+    "padding); the shifted views share half the weight, as in airbench's multi-crop TTA. They triple the cost "
+    "of an evaluation, so only the final evaluation and the export use them. 0 turns it off.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
 flags.DEFINE_integer(
     "early_stopping_patience", 5,

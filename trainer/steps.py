@@ -99,7 +99,7 @@ class Trainer:
                               if config.lookahead_steps else None)
         self.state = TrainingState()
         self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
-        self._eval_loop = self._make_eval_loop()
+        self._eval_loops = {}
 
     # Phases and optimizers.
 
@@ -201,8 +201,8 @@ class Trainer:
 
     # Compiled steps.
 
-    def _forward(self, images, labels, indices, step):
-        """Augmented, possibly mixed images through the whole model: (logits, soft targets)."""
+    def _augmented(self, images, labels, indices, step):
+        """The batch as the step's on-device augmentation (and mixing) shows it: (images, soft targets)."""
         config, augment_config = self.config, self.augment_config
         images, targets = tf.cast(images, tf.float32), tf.one_hot(labels, self.info.num_classes)
         seed = augment.step_seed(config.seed, step)
@@ -214,6 +214,11 @@ class Trainer:
         if augment_config.mixes:
             images, targets = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
                                           augment_config.mixup, augment_config.cutmix)
+        return images, targets
+
+    def _forward(self, images, labels, indices, step):
+        """Augmented, possibly mixed images through the whole model: (logits, soft targets)."""
+        images, targets = self._augmented(images, labels, indices, step)
         return self.model(images, training=True), targets
 
     def _cached_forward(self, table: tf.Variable):
@@ -299,8 +304,8 @@ class Trainer:
 
         return train_loop
 
-    def _make_eval_loop(self):
-        model, tta, tta_translate = self.model, self.config.tta, self.config.tta_translate
+    def _make_eval_loop(self, tta_translate: int):
+        model, tta = self.model, self.config.tta
 
         def replica_step(images, labels):
             probabilities = models.test_time_probabilities(model, tf.cast(images, tf.float32), tta, tta_translate)
@@ -321,13 +326,20 @@ class Trainer:
 
         return eval_loop
 
-    def evaluate(self) -> dict:
-        """Loss and accuracy on the evaluation split, with the evaluation weights."""
+    def evaluate(self, final: bool = False) -> dict:
+        """Loss and accuracy on the evaluation split, with the evaluation weights.
+
+        Only the final evaluation adds --tta_translate's shifted views: they triple the cost of an
+        evaluation, which every epoch would pay.
+        """
+        tta_translate = self.config.tta_translate if final else 0
+        if tta_translate not in self._eval_loops:
+            self._eval_loops[tta_translate] = self._make_eval_loop(tta_translate)
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
         self.eval_confusion.assign(tf.zeros_like(self.eval_confusion))
         with self.evaluation_weights():
-            self._eval_loop(iter(self._eval_dataset), tf.constant(self.eval_steps))
+            self._eval_loops[tta_translate](iter(self._eval_dataset), tf.constant(self.eval_steps))
         return {"eval_loss": float(self.eval_loss.result()), "eval_accuracy": float(self.eval_accuracy.result())}
 
     def confusion_matrix(self) -> np.ndarray:
@@ -335,17 +347,12 @@ class Trainer:
         return np.rint(self.eval_confusion.numpy()).astype(np.int64)
 
     def augmented_sample(self, count: int = 16) -> np.ndarray:
-        """The first training images as the first step's augmentation shows them to the network (uint8)."""
+        """The split's first images as step 0's augmentation shows them to the network (uint8)."""
         builder, split = self._train_examples
-        images = tf.cast(data.sample_images(builder, split, count), tf.float32)
-        seed = augment.step_seed(self.config.seed, tf.constant(0, tf.int64))
-        if self.augment_config.enabled:
-            images = augment.augment(images, seed, self.augment_config, tf.range(count, dtype=tf.int64), 0,
-                                     self.config.seed)
-        if self.augment_config.mixes:
-            targets = tf.one_hot(tf.range(count) % self.info.num_classes, self.info.num_classes)
-            images, _ = augment.mix(images, targets, tf.random.experimental.stateless_fold_in(seed, 1),
-                                    self.augment_config.mixup, self.augment_config.cutmix)
+        images = data.sample_images(builder, split, count)
+        count = len(images)
+        labels = tf.range(count, dtype=tf.int32) % self.info.num_classes  # Only mixing reads them.
+        images, _ = self._augmented(images, labels, tf.range(count, dtype=tf.int64), tf.constant(0, tf.int64))
         return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8).numpy()
 
     def train_steps(self, phase: Phase, iterator, num_steps: int) -> np.ndarray:

@@ -94,8 +94,10 @@ class _Loop:
         self.config, self.state = trainer.config, trainer.state
         self.summaries = summaries.Summaries(paths.log_dir, enabled=chief)
         self.progress = progress.Progress(self.config.total_epochs, trainer.steps_per_epoch)
-        # Throughput excludes each compiled loop's first call, which includes tracing and XLA compilation.
+        # Throughput excludes each compiled loop's first call, which includes tracing and XLA compilation,
+        # unless a session made no other call (then the rate with tracing is all there is).
         self.timed_images, self.timed_seconds = 0, 0.0
+        self.all_images, self.all_seconds = 0, 0.0
         self.started = time.monotonic()
 
     def run(self, precision: str, started: float) -> dict:
@@ -143,9 +145,10 @@ class _Loop:
             trainer.train_accuracy.reset_state()
         epoch_images, epoch_seconds, since_checkpoint = 0, 0.0, 0
         while (step_in_epoch := int(state.step_in_epoch.numpy())) < trainer.steps_per_epoch:
-            num_steps = min(config.steps_per_loop, trainer.steps_per_epoch - step_in_epoch)
-            first_call = phase.train_loop is None
             global_step = int(state.global_step.numpy())
+            num_steps = self._steps_in_call(global_step, min(config.steps_per_loop,
+                                                             trainer.steps_per_epoch - step_in_epoch))
+            first_call = phase.train_loop is None
             if config.profile_steps and global_step < config.profile_steps[0] <= global_step + num_steps:
                 self.summaries.start_profiler()
             began = time.monotonic()
@@ -158,6 +161,7 @@ class _Loop:
             state.global_step.assign_add(num_steps)
             state.train_seconds.assign_add(seconds)
             epoch_images, epoch_seconds = epoch_images + images, epoch_seconds + seconds
+            self.all_images, self.all_seconds = self.all_images + images, self.all_seconds + seconds
             if not first_call:
                 self.timed_images, self.timed_seconds = self.timed_images + images, self.timed_seconds + seconds
             step = int(state.global_step.numpy())
@@ -175,6 +179,15 @@ class _Loop:
         if trainer.lookahead is not None and epoch + 1 == phase.end_epoch:
             trainer.lookahead.finish(trainer.strategy)
         self._end_epoch(phase, epoch, epoch_images / max(epoch_seconds, 1e-9), epoch_seconds)
+
+    def _steps_in_call(self, global_step: int, num_steps: int) -> int:
+        """Shortens a loop call so that --profile_steps' trace starts and stops exactly at its steps."""
+        if self.config.profile_steps:
+            first, last = self.config.profile_steps
+            for boundary in (first - 1, last):
+                if global_step < boundary < global_step + num_steps:
+                    num_steps = boundary - global_step
+        return num_steps
 
     def _end_epoch(self, phase: Phase, epoch: int, images_per_second: float, train_seconds: float) -> None:
         state, trainer = self.state, self.trainer
@@ -243,7 +256,7 @@ class _Loop:
             trainer.restore_best_weights()
             logging.info("Restored the best weights (epoch %d, %s %.4f).", int(state.best_epoch.numpy()),
                          config.early_stopping_monitor, float(state.best_value.numpy()))
-        final = trainer.evaluate()
+        final = trainer.evaluate(final=True)
         confusion = trainer.confusion_matrix()  # A collective: before the workers part ways below.
         fingerprint = trainer.weights_fingerprint()
         logging.info("Final weights fingerprint %s.", fingerprint)
@@ -259,7 +272,8 @@ class _Loop:
             "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
             "eval_split": config.eval_split, "epochs_completed": len(history),
             "best_epoch": int(state.best_epoch.numpy()) if config.early_stopping_patience else len(history),
-            "train_images_per_second": self.timed_images / self.timed_seconds if self.timed_seconds else None,
+            "train_images_per_second": (self.timed_images / self.timed_seconds if self.timed_seconds else
+                                        self.all_images / self.all_seconds if self.all_seconds else None),
             "train_seconds": float(state.train_seconds.numpy()), "session_seconds": time.monotonic() - started,
             "history": history, "class_names": list(trainer.info.class_names), "dataset": trainer.info.name,
             "num_parameters": int(trainer.model.count_params()), "precision": precision,
