@@ -1,6 +1,6 @@
 # The training job's image, for one accelerator: `python -m trainer.task` with the flags as arguments.
 #
-#   docker build --build-arg ACCELERATOR=gpu -t IMAGE .      (or: python -m launch.build, see launch/CLOUD.md)
+#   docker build --build-arg ACCELERATOR=gpu -t IMAGE .   (or python -m launch.build: README.md, "Run on Google Cloud")
 #   docker run IMAGE --model=cnn --epochs=1
 #
 # Every Python package comes from requirements/ACCELERATOR.txt, pinned with hashes, so a rebuild installs the

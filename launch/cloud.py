@@ -151,23 +151,48 @@ def require_tool(name: str) -> None:
         raise CommandError(f"{name} is not installed or not on PATH; {INSTALL_HINTS[name]}.")
 
 
-def check_output(argv: list[str], failure: str, timeout: float = 60) -> str:
-    """Runs a local, read-only check and returns its output; `failure` is the error when it fails or says nothing."""
+def run_check(argv: list[str], failure: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs a local, read-only check and returns its result for the caller to judge; `failure` is the error when
+    the tool is missing or does not answer in time."""
     require_tool(argv[0])
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as error:
         raise CommandError(f"{failure} (`{shlex.join(argv)}` did not answer within {timeout:.0f}s).") from error
+
+
+def check_output(argv: list[str], failure: str, timeout: float = 60) -> str:
+    """Runs a local, read-only check and returns its output; `failure` is the error when it fails or says nothing."""
+    result = run_check(argv, failure, timeout)
     if result.returncode != 0 or not result.stdout.strip():
         raise CommandError(failure)
     return result.stdout.strip()
 
 
+def last_line(text: str, limit: int = 160) -> str:
+    """The last non-empty line of a tool's messages, which usually says why it failed."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
 def require_gcloud_credentials() -> str:
     """The active gcloud account; none is a clear error rather than a failure deep inside a gcloud call."""
-    return check_output(["gcloud", "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"],
-                        "gcloud has no active credentials; run `gcloud auth login` (or activate a service account) "
-                        "and try again.")
+    account = check_output(["gcloud", "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"],
+                           "gcloud has no active credentials; run `gcloud auth login` (or activate a service account) "
+                           "and try again.")
+    require_access_token(account)
+    return account
+
+
+def require_access_token(account: str) -> None:
+    """An account stays listed after its login expired or was revoked; only getting a token proves it works."""
+    advice = "run `gcloud auth login` and try again."
+    # The token is captured and dropped, never printed.
+    result = run_check(["gcloud", "auth", "print-access-token", "--quiet"],
+                       f"gcloud cannot get an access token for {account}; {advice}")
+    if result.returncode != 0 or not result.stdout.strip():
+        reason = last_line(result.stderr) or f"exit status {result.returncode}"
+        raise CommandError(f"gcloud cannot get an access token for {account} ({reason}); {advice}")
 
 
 def run(command: Command, capture: bool = False) -> str:

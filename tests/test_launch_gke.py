@@ -151,9 +151,10 @@ def test_inconsistent_shapes_are_refused(flags, expected):
     assert expected in single_error_line(result)
 
 
-def fake_kubectl(tmp_path, context_status: int = 0) -> FakeTools:
+def fake_kubectl(tmp_path, context_status: int = 0, can_i: tuple[str, int] = ("yes\n", 0)) -> FakeTools:
     tools = FakeTools(tmp_path / "bin")
     tools.add("kubectl", [(["config", "current-context"], "gke_p_us-central1_c\n", context_status),
+                          (["auth", "can-i"], *can_i),
                           (["apply"], "service/cifar-test created\njob.batch/cifar-test created\n", 0)])
     return tools
 
@@ -164,8 +165,9 @@ def test_applies_manifests_on_stdin_with_hostile_trainer_values_as_data(tmp_path
     result = run_task(*BASE, "--workers=2", "--", *hostile, module="launch.gke", env=tools.env(), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "job.batch/cifar-test"
-    check, apply = tools.calls()
+    check, can_i, apply = tools.calls()
     assert check["argv"] == ["config", "current-context"]
+    assert can_i["argv"] == ["auth", "can-i", "create", "jobs", "--namespace=default"]
     assert apply["argv"] == ["apply", "-f", "-"]
     service, job = json.loads(apply["stdin"])["items"]
     assert pod_container(job)["args"] == ["--strategy=multi_worker_mirrored", *hostile]
@@ -175,11 +177,15 @@ def test_applies_manifests_on_stdin_with_hostile_trainer_values_as_data(tmp_path
 
 def test_context_flag_reaches_every_kubectl_call(tmp_path):
     tools = FakeTools(tmp_path / "bin")
-    tools.add("kubectl", [(["config", "get-contexts"], "gke_p_europe-west4_c\n", 0)])
-    result = run_task(*BASE, "--context=gke_p_europe-west4_c", module="launch.gke", env=tools.env(), timeout=60)
+    tools.add("kubectl", [(["config", "get-contexts"], "gke_p_europe-west4_c\n", 0),
+                          (["--context=gke_p_europe-west4_c", "auth", "can-i"], "yes\n", 0)])
+    result = run_task(*BASE, "--context=gke_p_europe-west4_c", "--namespace=research", module="launch.gke",
+                      env=tools.env(), timeout=60)
     assert result.returncode == 0, result.stderr
-    check, apply = tools.calls()
+    check, can_i, apply = tools.calls()
     assert check["argv"] == ["config", "get-contexts", "gke_p_europe-west4_c", "--output=name"]
+    assert can_i["argv"] == ["--context=gke_p_europe-west4_c", "auth", "can-i", "create", "jobs",
+                             "--namespace=research"]
     assert apply["argv"] == ["--context=gke_p_europe-west4_c", "apply", "-f", "-"]
 
 
@@ -195,6 +201,33 @@ def test_no_cluster_credentials_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert "get-credentials" in single_error_line(result)
     assert len(tools.calls()) == 1
+
+
+def test_no_permission_to_create_jobs_is_one_clear_line(tmp_path):
+    # kubectl auth can-i answers "no" with exit status 1.
+    tools = fake_kubectl(tmp_path, can_i=("no\n", 1))
+    result = run_task(*BASE, "--namespace=research", module="launch.gke", env=tools.env(), timeout=60)
+    assert result.returncode == 1
+    line = single_error_line(result)
+    assert "may not create Jobs in --namespace=research" in line and "gke_p_us-central1_c" in line, line
+    assert [call["argv"][:2] for call in tools.calls()] == [["config", "current-context"], ["auth", "can-i"]]
+
+
+def test_expired_cluster_credentials_are_one_clear_line(tmp_path):
+    """A context whose credentials no longer work: can-i fails without an answer, the way an expired token does."""
+    tools = fake_kubectl(tmp_path, can_i=("", 1))
+    result = run_task(*BASE, module="launch.gke", env=tools.env(), timeout=60)
+    assert result.returncode == 1
+    line = single_error_line(result)
+    assert "cannot check its permissions" in line and "get-credentials" in line, line
+    assert not [call for call in tools.calls() if call["argv"][0] == "apply"]
+
+
+def test_dry_run_calls_nothing(tmp_path):
+    tools = fake_kubectl(tmp_path)
+    result = run_task(*BASE, "--workers=2", "--dry_run", module="launch.gke", env=tools.env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert tools.calls() == []
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

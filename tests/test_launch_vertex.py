@@ -177,9 +177,11 @@ def test_trainer_flags_the_launcher_owns_or_that_are_not_flags_are_refused(train
     assert trainer[0].split("=")[0] in single_error_line(result)
 
 
-def fake_gcloud(tmp_path, account: str = "me@example.com") -> FakeTools:
+def fake_gcloud(tmp_path, account: str = "me@example.com", token: tuple[str, int] = ("ya29.fake-token\n", 0)
+                ) -> FakeTools:
     tools = FakeTools(tmp_path / "bin")
     tools.add("gcloud", [(["auth", "list"], account + "\n", 0),
+                         (["auth", "print-access-token"], *token),
                          (["ai", "custom-jobs", "create"], "projects/1/locations/us-central1/customJobs/42\n", 0)])
     return tools
 
@@ -192,8 +194,9 @@ def test_submits_with_gcloud_and_passes_hostile_trainer_values_as_data(tmp_path)
                       timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "projects/1/locations/us-central1/customJobs/42"
-    auth, create = tools.calls()
-    assert auth["argv"][:2] == ["auth", "list"]
+    auth, token, create = tools.calls()
+    assert auth["argv"][:2] == ["auth", "list"] and token["argv"][:2] == ["auth", "print-access-token"]
+    assert "fake-token" not in result.stdout + result.stderr
     assert create["argv"] == ["ai", "custom-jobs", "create", "--project=my-project", "--region=us-central1",
                               "--display-name=cifar-test", "--labels=topology=multi_worker", "--config=-",
                               "--format=value(name)"]
@@ -226,6 +229,24 @@ def test_no_active_account_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert "gcloud auth login" in single_error_line(result)
     assert [call["argv"][:2] for call in tools.calls()] == [["auth", "list"]]
+
+
+def test_credentials_that_cannot_get_a_token_are_one_clear_line(tmp_path):
+    """An expired or revoked login stays the active account; the launcher finds out before it submits."""
+    tools = fake_gcloud(tmp_path, token=("", 1))
+    result = run_task(*BASE, module="launch.vertex", env=tools.env(), timeout=60)
+    assert result.returncode == 1
+    line = single_error_line(result)
+    assert "cannot get an access token for me@example.com" in line and "gcloud auth login" in line, line
+    assert [call["argv"][:2] for call in tools.calls()] == [["auth", "list"], ["auth", "print-access-token"]]
+
+
+def test_dry_run_calls_nothing(tmp_path):
+    tools = fake_gcloud(tmp_path)
+    result = run_task(*BASE, "--topology=multi_worker", "--dry_run", module="launch.vertex", env=tools.env(),
+                      timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert tools.calls() == []
 
 
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")

@@ -11,10 +11,20 @@ import uuid
 
 from absl import logging
 
+from trainer.errors import TrainingError
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
 CHECKPOINT_STATE = "checkpoint"
+# Files larger than one chunk go up as resumable uploads in chunks of this size, so a failed request re-sends one
+# chunk rather than the whole file. 8 MiB is the smallest chunk Cloud Storage recommends for throughput (every
+# chunk is a request) and bounds the memory a chunk is buffered in; the client's default chunk, 100 MiB, would make
+# most checkpoint shards a single chunk, resent whole. A file of one chunk or less gains nothing from a resumable
+# session (it is resent whole either way) and would pay its extra request, so it goes up in one request.
+RESUMABLE_CHUNK_BYTES = 8 * 1024 * 1024
+# A CRC32C mismatch means the bytes were damaged on the way (the client has already deleted the damaged object);
+# sending them again is safe, but a second mismatch points at something a retry will not fix.
+UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH = 2
 # Scratch files of the trainer that are never mirrored: non-chief checkpoint directories, staging
 # exports, temporary JSON/PNG files and write probes.
 SKIPPED = re.compile(r"(^|/)(\.worker-\d+-temp|export\.partial|\.tmp-[^/]*|\.write-check-[^/]*)(/|$)")
@@ -32,6 +42,13 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def service_reason(error: Exception, limit: int = 200) -> str:
+    """What Cloud Storage said, on one line. google-api-core puts the request's method and URL first, which would
+    take most of the line and push out the part that names the missing permission."""
+    text = getattr(error, "message", None) or str(error)
+    return one_line(re.sub(r"^[A-Z]+ \S+: ", "", text), limit).rstrip(".")
+
+
 @dataclasses.dataclass(frozen=True)
 class Root:
     """A local directory and the gs:// prefix it mirrors; nested roots are mirrored on their own."""
@@ -43,9 +60,9 @@ class Root:
 class Mirror:
     """Uploads a run's local working directories to Cloud Storage, and restores them from it.
 
-    Uploads use the google-cloud-storage client with CRC32C verification and retries (files larger
-    than 8 MiB go up as resumable uploads). Only files that changed since the last sync are sent,
-    and remote checkpoints the local CheckpointManager has dropped are deleted.
+    Uploads use the google-cloud-storage client with CRC32C verification and retries; files larger
+    than RESUMABLE_CHUNK_BYTES go up as resumable uploads. Only files that changed since the last
+    sync are sent, and remote checkpoints the local CheckpointManager has dropped are deleted.
     """
 
     def __init__(self, roots: list[Root], client=None):
@@ -87,9 +104,9 @@ class Mirror:
                     probe.delete(timeout=30)
             except api_exceptions.Forbidden as error:
                 raise UsageError(f"{root.remote}: no permission to {'write' if write else 'read'} gs://{bucket_name} "
-                                 f"({one_line(error, 120)}).") from error
+                                 f"({service_reason(error)}).") from error
             except (api_exceptions.GoogleAPIError, OSError) as error:
-                raise UsageError(f"{root.remote}: cannot reach Cloud Storage ({one_line(error, 160)}).") from error
+                raise UsageError(f"{root.remote}: cannot reach Cloud Storage ({service_reason(error)}).") from error
 
     def restore(self) -> None:
         """Fetches what a resumed run reads: the latest checkpoint and the top-level run files.
@@ -148,8 +165,6 @@ class Mirror:
 
     def upload(self) -> None:
         """Sends every new or changed file, then deletes remote checkpoints that were dropped locally."""
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         sent = 0
         for root in self.roots:
             for path in self._local_files(root):
@@ -157,14 +172,27 @@ class Mirror:
                 if self._synced.get(path) == (stat.st_size, stat.st_mtime_ns):
                     continue
                 relative = os.path.relpath(path, root.local).replace(os.sep, "/")
-                # Overwriting with identical content is safe to retry, so retry always.
-                self._blob(posixpath.join(root.remote, relative)).upload_from_filename(
-                    path, checksum="crc32c", retry=DEFAULT_RETRY)
+                self._upload_verified(path, posixpath.join(root.remote, relative))
                 self._synced[path] = (stat.st_size, stat.st_mtime_ns)
                 sent += 1
             self._delete_dropped_checkpoints(root)
         if sent:
             logging.info("Mirrored %d file(s) to %s.", sent, ", ".join(root.remote for root in self.roots))
+
+    def _upload_verified(self, path: str, uri: str) -> None:
+        """Uploads one file, sending it again once if its CRC32C does not match on arrival."""
+        from google.cloud.storage.exceptions import DataCorruption
+
+        for attempt in range(1, UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH + 1):
+            try:
+                _send_file(self._blob(uri), path)
+                return
+            except DataCorruption as error:
+                if attempt == UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH:
+                    raise TrainingError(f"{uri}: the upload of {path} failed its CRC32C check {attempt} times, so "
+                                        f"data is damaged on its way to Cloud Storage ({one_line(error, 160)}).") \
+                        from error
+                logging.warning("%s: CRC32C mismatch after the upload; sending it again.", uri)
 
     def _local_files(self, root: Root):
         for directory, subdirectories, files in os.walk(root.local):
@@ -189,7 +217,23 @@ class Mirror:
                 self._synced.pop(os.path.join(root.local, relative), None)
 
 
-def local_working_dir(model_dir: str, task_id: int) -> str:
-    """A scratch directory per gs:// run and worker (workers on one machine must not share it)."""
+def _send_file(blob, path: str) -> None:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    # Overwriting with identical content is safe to retry, so retry always.
+    if os.path.getsize(path) <= RESUMABLE_CHUNK_BYTES:
+        blob.upload_from_filename(path, checksum="crc32c", retry=DEFAULT_RETRY)
+        return
+    blob.chunk_size = RESUMABLE_CHUNK_BYTES
+    with open(path, "rb") as file:
+        # Given no size, the client cannot send the file in one request, so it opens a resumable session whatever
+        # its own threshold for them (8 MiB in google-cloud-storage 3) is.
+        blob.upload_from_file(file, checksum="crc32c", retry=DEFAULT_RETRY)
+
+
+def local_working_dir(model_dir: str, task_type: str, task_id: int) -> str:
+    """A scratch directory per gs:// run and task. Tasks on one machine must not share it: on Vertex AI the chief
+    and the first worker are both index 0 (of worker pools 0 and 1), so the index alone does not tell them apart."""
     digest = hashlib.sha256(model_dir.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), "trainer-runs", f"{digest}-task{task_id}")
+    task = re.sub(r"[^A-Za-z0-9_]", "_", task_type)  # It comes from the environment; keep it one path component.
+    return os.path.join(tempfile.gettempdir(), "trainer-runs", f"{digest}-{task}-{task_id}")

@@ -7,6 +7,8 @@ import posixpath
 import tempfile
 from typing import TYPE_CHECKING
 
+from absl import logging
+
 from trainer import gcs
 from trainer.errors import UsageError
 
@@ -62,20 +64,35 @@ def run_locations(model_dir: str) -> dict[str, str]:
     return {name: location.rstrip("/") for name, location in locations.items()}
 
 
-def open_run(model_dir: str, task_id: int) -> tuple[RunPaths, gcs.Mirror | None]:
-    """The local paths the trainer writes to and, for gs:// locations, the mirror that uploads them."""
+def open_run(model_dir: str, task_id: int, task_type: str | None = None) -> tuple[RunPaths, gcs.Mirror | None]:
+    """The local paths the trainer writes to and, for gs:// locations, the mirror that uploads them.
+
+    task_type is this process's role in its cluster (chief, worker); by default it is read from the cluster
+    environment, as the strategy read it.
+    """
     locations = run_locations(model_dir)
     if not any(gcs.is_gcs(location) for location in locations.values()):
         return RunPaths(model_dir=locations["model"], checkpoint_dir=locations["checkpoints"],
                         log_dir=locations["logs"], export_dir=os.path.join(locations["model"], "export")), None
     if not all(gcs.is_gcs(location) for location in locations.values()):
         raise UsageError(f"The run's locations mix gs:// and local paths ({locations}); use one kind.")
-    local = gcs.local_working_dir(model_dir, task_id)
+    local = gcs.local_working_dir(model_dir, task_type or cluster_task_type(), task_id)
+    logging.info("Working in %s; it is mirrored to %s.", local, model_dir)
     paths = RunPaths.under(local)
     mirror = gcs.Mirror([gcs.Root(paths.model_dir, locations["model"]),
                          gcs.Root(paths.checkpoint_dir, locations["checkpoints"]),
                          gcs.Root(paths.log_dir, locations["logs"])])
     return paths, mirror
+
+
+def cluster_task_type() -> str:
+    """This process's task type in its cluster; a process outside any cluster is its own chief."""
+    # Imported here: trainer.distribution defines the trainer's flags (through trainer.config), which the results
+    # tools, which import this module too, must not.
+    from trainer import distribution
+
+    cluster = distribution.cluster_environment()
+    return cluster["task"]["type"] if cluster else "chief"
 
 
 # Downloaded gs:// runs of this process, by model_dir, so files a tool adds can be sent back.
@@ -86,7 +103,8 @@ def local_copy(model_dir: str) -> str:
     """A local directory holding a finished run's files, downloading them when model_dir is gs://."""
     if not gcs.is_gcs(model_dir):
         return model_dir
-    paths, mirror = open_run(model_dir, task_id=0)
+    # A reader of its own: restore() empties the working directory, which must not be a trainer's on this machine.
+    paths, mirror = open_run(model_dir, task_id=0, task_type="reader")
     mirror.preflight(write=False)
     mirror.restore()
     mirror.download_tree("export", paths.export_dir)
