@@ -1,4 +1,5 @@
-"""Multi-worker training on localhost: agreement with one worker, preemption, killed workers, cluster env."""
+"""Multi-worker training on localhost: agreement with one worker, preemption, dead and hung workers, the
+launcher's restarts and exit status, cluster environments, and the reliability benchmark's accounting."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks import reliability
 from conftest import ROOT, make_config, read_metrics
 from trainer import distribution
 from trainer import train
@@ -21,6 +23,8 @@ from trainer.errors import UsageError
 # Deterministic flags: no dropout or augmentation (their draws are per replica), plain SGD.
 EXACT = ["--dropout=0", "--norandom_flip", "--brightness=0", "--optimizer=sgd", "--learning_rate=0.05", "--seed=3",
          "--early_stopping_patience=0"]
+# A finished loop call as the trainer logs it at -v=1.
+STEP_LINE = r"\] step (\d+) \(epoch"
 
 
 class Launch:
@@ -38,17 +42,20 @@ class Launch:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 180, count: int = 1) -> re.Match:
+        """The `count`-th line that matches, once it has been printed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
+            matches = self.matches(pattern)
+            if len(matches) >= count:
+                return matches[count - 1]
             if self.process.poll() is not None and not self._reader.is_alive():
                 break
             time.sleep(0.1)
-        raise AssertionError(f"no line matches {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+        raise AssertionError(f"no {count} lines match {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+
+    def matches(self, pattern: str) -> list[re.Match]:
+        return [match for line in list(self.lines) if (match := re.search(pattern, line))]
 
     def worker_pid(self, index: int, attempt: int = 0) -> int:
         started = [line for line in self.lines if f"Started worker {index} (pid" in line]
@@ -76,6 +83,23 @@ def checkpoint_variables(model_dir, step=None) -> dict:
             if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
 
 
+def assert_only_the_chief_wrote_outputs(model_dir, launch: Launch) -> None:
+    """One TensorBoard writer per log directory, one final report, and no worker's leftovers."""
+    event_files = {}
+    for directory, _, names in os.walk(model_dir / "logs"):
+        count = sum(name.startswith("events.out.tfevents") for name in names)
+        if count:
+            event_files[os.path.relpath(directory, model_dir)] = count
+    # A second writer (another worker) would add an event file of its own beside the chief's.
+    assert "logs/train" in event_files and set(event_files.values()) == {1}, event_files
+    assert (model_dir / "metrics.json").is_file() and (model_dir / "history.png").is_file()
+    reporters = {match.group(1) for match in launch.matches(r"\[worker (\d)\].*Test accuracy .* Outputs in")}
+    assert reporters == {"0"}, reporters
+    leftovers = [os.path.join(directory, name) for directory, subdirectories, names in os.walk(model_dir)
+                 for name in subdirectories + names if "worker" in name]
+    assert not leftovers, leftovers
+
+
 def test_two_workers_from_vertex_cluster_spec_train_as_one_job(cifar_dir, tmp_path):
     flags = worker_flags(cifar_dir, tmp_path / "two", "--train_split=train[:1024]", "--steps_per_epoch=4",
                          "--epochs=2", "--steps_per_loop=2", *EXACT)
@@ -86,8 +110,7 @@ def test_two_workers_from_vertex_cluster_spec_train_as_one_job(cifar_dir, tmp_pa
     assert len(fingerprints) == 2 and len(set(fingerprints.values())) == 1, fingerprints
     metrics = read_metrics(tmp_path / "two")
     assert metrics["num_replicas"] == 2 and metrics["epochs_completed"] == 2
-    assert not [name for name in os.listdir(tmp_path / "two" / "checkpoints") if "worker" in name]
-    assert not (tmp_path / "two" / "export.worker-temp").exists()
+    assert_only_the_chief_wrote_outputs(tmp_path / "two", launch)
 
     one = train.run(make_config(cifar_dir, tmp_path / "one", strategy="default", steps_per_epoch=4, epochs=2,
                                 eval_split="test[:128]", dropout=0.0, random_flip=False, brightness=0.0,
@@ -102,37 +125,90 @@ def test_two_workers_from_vertex_cluster_spec_train_as_one_job(cifar_dir, tmp_pa
 
 
 def test_sigterm_on_one_worker_checkpoints_the_cluster_at_that_step_and_the_restart_resumes(cifar_dir, tmp_path):
-    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:6400]", "--epochs=2", "--steps_per_loop=5")
+    steps_per_epoch, steps_per_loop = 2560 // 64, 5
+    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:2560]", "--epochs=2",
+                         f"--steps_per_loop={steps_per_loop}", "--v=1")
     launch = Launch("--workers=2", "--restarts=1", "--", *flags)
-    launch.wait_for(r"\[worker 1\].*Phase train")
-    time.sleep(2.0)
+    launch.wait_for(r"\[worker 1\].*" + STEP_LINE)
+    logged_before_signal = max(int(match.group(1)) for match in launch.matches(STEP_LINE))
     os.kill(launch.worker_pid(1), signal.SIGTERM)
     assert launch.finish() == 0, launch.text()[-5000:]
     saved = {int(match.group(2)) for match in
-             re.finditer(r"\[worker (\d)\].*Preempted: checkpoint saved at step (\d+)", launch.text())}
+             launch.matches(r"\[worker (\d)\].*Preempted: checkpoint saved at step (\d+)")}
     assert len(saved) == 1, launch.text()[-5000:]
     step = saved.pop()
-    assert re.search(r"Worker 0 exited with status 42", launch.text()) and \
-        re.search(r"Worker 1 exited with status 42", launch.text())
+    assert step % steps_per_epoch and step >= logged_before_signal, (step, logged_before_signal)
+    # The signalled worker notices once its running loop call returns; the cluster then runs one more call.
+    noticed = re.search(r"\[worker 1\].*SIGTERM received", launch.text()).start()
+    first_step_after_notice = int(re.search(r"\[worker 1\].*" + STEP_LINE, launch.text()[noticed:]).group(1))
+    assert step <= first_step_after_notice + steps_per_loop, (step, first_step_after_notice)
+    assert launch.matches(r"Worker 0 exited with status 42") and launch.matches(r"Worker 1 exited with status 42")
     assert f"Resumed from {tmp_path / 'checkpoints' / f'ckpt-{step}'}" in launch.text()
     metrics = read_metrics(tmp_path)
     assert metrics["epochs_completed"] == 2
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{2 * 6400 // 64}")
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{2 * steps_per_epoch}")
 
 
-def test_a_killed_worker_stops_the_other_quickly_and_a_restart_finishes(cifar_dir, tmp_path):
-    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:6400]", "--epochs=2", "--steps_per_loop=5",
-                         "--checkpoint_steps=20", "--heartbeat_timeout=10", "--collective_timeout=60")
-    launch = Launch("--workers=2", "--restarts=1", "--grace_seconds=120", "--", *flags)
-    launch.wait_for(r"\[worker 0\].*Saved checkpoint .*ckpt-20\b")
-    os.kill(launch.worker_pid(0), signal.SIGKILL)
-    stopped = launch.wait_for(r"Worker 1 exited with status (\d+), ([\d.]+)s after the first failure")
-    assert int(stopped.group(1)) == 1 and float(stopped.group(2)) < 60, launch.text()[-5000:]
-    assert re.search(r"\[worker 1\] error: training stopped because a worker of the cluster failed",
-                     launch.text()), launch.text()[-5000:]
+SAVED_BY_CHIEF = r"\[worker 0\].*Saved checkpoint .*ckpt-(\d+)"
+CLUSTER_FAILED = r"\[worker {}\] error: training stopped because a worker of the cluster failed"
+
+
+def interrupt_and_time_the_survivor(launch: Launch, victim: int, signum: int, attempt: int) -> float:
+    """Signals one worker; returns how long the other took to fail on its own, having said why."""
+    survivor = 1 - victim
+    exits = len(launch.matches(rf"Worker {survivor} exited"))
+    errors = len(launch.matches(CLUSTER_FAILED.format(survivor)))
+    began = time.monotonic()
+    os.kill(launch.worker_pid(victim, attempt), signum)
+    stopped = launch.wait_for(rf"Worker {survivor} exited with status (-?\d+)", count=exits + 1)
+    seconds = time.monotonic() - began
+    assert int(stopped.group(1)) == 1, launch.text()[-5000:]  # Not killed by the launcher: it stopped itself.
+    assert len(launch.matches(CLUSTER_FAILED.format(survivor))) == errors + 1, launch.text()[-5000:]
+    if signum == signal.SIGSTOP:
+        os.kill(launch.worker_pid(victim, attempt), signal.SIGKILL)  # As a cluster replaces a hung pod.
+    return seconds
+
+
+def test_a_dead_or_hung_worker_stops_the_other_within_the_heartbeat_timeout_and_restarts_resume(cifar_dir, tmp_path):
+    heartbeat_timeout = 5
+    # Collective timeout and grace period far beyond the bound: only failure detection can meet it.
+    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:1280]", "--epochs=2", "--steps_per_loop=5",
+                         "--checkpoint_steps=5", f"--heartbeat_timeout={heartbeat_timeout}",
+                         "--collective_timeout=300")
+    launch = Launch("--workers=2", "--restarts=3", "--grace_seconds=120", "--", *flags)
+    # A killed worker's connections break at once; a hung one (stopped) keeps them open, and only its
+    # missing heartbeats tell worker 0, which leads the coordination service.
+    interruptions = [(0, signal.SIGKILL), (1, signal.SIGKILL), (1, signal.SIGSTOP)]
+    saved_so_far, resume_points = 0, []
+    for attempt, (victim, signum) in enumerate(interruptions):
+        launch.wait_for(SAVED_BY_CHIEF, count=saved_so_far + 1)  # This attempt has saved a checkpoint.
+        seconds = interrupt_and_time_the_survivor(launch, victim, signum, attempt)
+        assert seconds < heartbeat_timeout + 20, (victim, signal.Signals(signum).name, seconds)
+        saved = launch.matches(SAVED_BY_CHIEF)
+        saved_so_far = len(saved)
+        resume_points.append(int(saved[-1].group(1)))
     assert launch.finish() == 0, launch.text()[-5000:]
-    assert re.search(r"Resumed from .*ckpt-\d+", launch.text())
+    assert launch.matches(r"\[worker 0\].*stopped sending heartbeats"), launch.text()[-5000:]
+    resumed = [int(match.group(1)) for match in launch.matches(r"\[worker 0\].*Resumed from .*ckpt-(\d+)\b")]
+    assert resumed == resume_points and resume_points[0] % 20, resume_points  # Killed mid-epoch.
     assert read_metrics(tmp_path)["epochs_completed"] == 2
+
+
+def test_launcher_exits_non_zero_after_its_restarts_are_used_up(cifar_dir, tmp_path):
+    launch = Launch("--workers=2", "--restarts=1", "--grace_seconds=1", "--", *worker_flags(cifar_dir, tmp_path))
+    for attempt in range(2):
+        launch.wait_for(r"Started worker 1 \(pid", count=attempt + 1)
+        os.kill(launch.worker_pid(0, attempt), signal.SIGKILL)
+    assert launch.finish() == 1, launch.text()[-5000:]
+    assert len(launch.matches(r"Started worker 0 \(pid")) == 2
+    assert launch.matches(r"The job failed after 2 attempt\(s\)")
+
+
+def test_launcher_does_not_restart_a_job_whose_flags_are_wrong(tmp_path):
+    launch = Launch("--workers=2", "--restarts=2", "--", f"--model_dir={tmp_path}", "--no_such_flag=1")
+    assert launch.finish() == 2, launch.text()[-5000:]
+    assert len(launch.matches(r"Started worker 0 \(pid")) == 1
+    assert launch.matches(r"\[worker 0\] error: .*no_such_flag")
 
 
 def test_tf_config_and_cluster_spec_describe_the_same_cluster(monkeypatch):
@@ -170,3 +246,45 @@ def test_malformed_cluster_environment_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("CLUSTER_SPEC", json.dumps({"cluster": {}, "task": {"type": "reducer", "index": 0}}))
     with pytest.raises(UsageError, match="not a Vertex AI worker pool"):
         distribution.cluster_environment()
+
+
+def canned_attempt(pid: int, steps: range, resumed_from: int | None = None) -> list[str]:
+    """The launcher's and the workers' log lines of one attempt of a 2-worker job."""
+    lines = [f"I1130 10:00:00.000000 1 local.py:92] Started worker {worker} (pid {pid + worker}) with {{}}"
+             for worker in (0, 1)]
+    if resumed_from is not None:
+        lines += [f"[worker {worker}] I1130 10:00:05.000000 1 checkpoints.py:60] Resumed from "
+                  f"/runs/r/checkpoints/ckpt-{resumed_from}." for worker in (0, 1)]
+    return lines + [f"[worker {worker}] I1130 10:00:09.000000 1 progress.py:32] step {step} (epoch 1, {step}/390) "
+                    "loss 2.0" for step in steps for worker in (0, 1)]
+
+
+def test_reliability_benchmark_counts_lost_steps_per_attempt():
+    log = reliability.RunLog()
+    for line in (canned_attempt(100, range(10, 40, 10))  # Killed at step 30, before the first checkpoint.
+                 + canned_attempt(200, range(10, 150, 10))  # Started fresh; checkpoints at 50 and 100.
+                 + canned_attempt(300, range(110, 130, 10), resumed_from=100)  # Killed at step 120.
+                 + canned_attempt(400, range(110, 160, 10), resumed_from=100)):
+        log.add(line)
+    events = [{"attempt": attempt, "signalled_at_step": step} for attempt, step in ((1, 30), (2, 140), (3, 120))]
+    for event in events:
+        reliability.account_for(event, log.attempts)
+    assert [(event["last_finished_step"], event["resumed_from"], event["lost_steps"]) for event in events] == [
+        (30, 0, 30), (140, 100, 40), (120, 100, 20)]
+    assert log.attempts[3].pids == {0: 400, 1: 401}
+
+
+def test_reliability_report_names_its_interruption_count_and_any_sigterm_loss():
+    def scenario(*lost_steps):
+        return {"wall_seconds": 100.0, "test_accuracy": 0.7, "attempts": len(lost_steps) + 1, "events": [
+            {"lost_steps": lost, "last_finished_step": 100 + lost, "resumed_from": 100} for lost in lost_steps]}
+
+    results = {"date": "2026-01-01", "commit": "abc+changes", "uninterrupted": scenario(),
+               "sigkill": scenario(12, 3, 40), "sigterm": scenario(0, 0, 0),
+               "flags": {"epochs": 4, "train_split": "train", "eval_split": "test", "checkpoint_steps": 50,
+                         "steps_per_loop": 10, "min_delay": 3.0, "max_delay": 20.0}}
+    report = reliability.markdown(results)
+    assert "3 × SIGKILL" in report and "12 (112 → 100)" in report and "SIGTERM lost no finished step" in report
+    results["sigterm"] = scenario(0, 7)
+    assert "2 × SIGTERM" in reliability.markdown(results) and "**SIGTERM lost 7 finished steps" in \
+        reliability.markdown(results)

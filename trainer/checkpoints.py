@@ -78,6 +78,10 @@ def _remove(directory: str) -> None:
         tf.io.gfile.rmtree(directory)
 
 
+# Longer than the handler's one-second poll, so the wait ends when the poll does.
+_HANDLER_POLL_WAIT_SECONDS = 5.0
+
+
 class PreemptionGuard:
     """Turns SIGTERM on any worker into a checkpoint of the whole cluster at one step, then `Preempted`.
 
@@ -106,20 +110,35 @@ class PreemptionGuard:
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
-        logging.warning("SIGTERM received: the cluster will checkpoint at the next step boundary and exit.")
+        # Python runs this only once the running training loop call has returned.
+        logging.warning("SIGTERM received: the cluster will checkpoint within the next training loop call and exit.")
         self._signalled.set()
 
     def _exit(self):
         raise Preempted(self._step)
 
     def check(self, step: int) -> None:
-        """Called by every worker after each training loop call; raises Preempted once saved."""
+        """Called by every worker after each training loop call; raises Preempted once saved.
+
+        With the handler, the worker that got the signal names the step after the next loop call
+        and the whole cluster saves there; without it, the cluster saves at this call's step.
+        """
         self._step = step
         if self._handler is not None:
+            if self._signalled.is_set():
+                self._wait_for_handler_to_notice()
             self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
         elif self._any_worker_signalled():
             self._store.save(step)
             self._exit()
+
+    def _wait_for_handler_to_notice(self) -> None:
+        """The handler polls our signal flag once a second and only then tells the cluster; without
+        this wait the check right after the signal usually misses it, costing one more loop call.
+        The thread is a private attribute: should TensorFlow rename it, the guard only saves later."""
+        watcher = getattr(self._handler, "_poll_termination_signal_thread", None)
+        if watcher is not None:
+            watcher.join(timeout=_HANDLER_POLL_WAIT_SECONDS)
 
     def _any_worker_signalled(self) -> bool:
         flag = tf.constant(int(self._signalled.is_set()))
