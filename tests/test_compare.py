@@ -1,14 +1,18 @@
-"""trainer.compare on two tiny runs: the Markdown table, the charts it links, curves from TensorBoard, bad input."""
+"""trainer.compare on two tiny runs: the Markdown table, the charts it links, curves from TensorBoard, gs:// runs,
+bad input."""
 
 import json
+import pathlib
 import re
 import shutil
 
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from conftest import make_config
 from trainer import compare
+from trainer import progress
 from trainer import train
 
 
@@ -39,6 +43,15 @@ def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     return {row["run"]: row for row in rows}
 
 
+def logged_wall_seconds(directory) -> float:
+    """Seconds from the first to the last summary the run logged in logs/train and logs/eval, read straight from
+    the event files."""
+    wall_times = [event.wall_time for log in ("train", "eval")
+                  for path in pathlib.Path(directory, "logs", log).glob("events.out.tfevents.*")
+                  for event in tf.compat.v1.train.summary_iterator(str(path)) if event.HasField("summary")]
+    return max(wall_times) - min(wall_times)
+
+
 def test_report_tables_both_runs_and_links_the_charts(two_runs, tmp_path, capsys):
     output = tmp_path / "report"
     status, out, errors = run_compare(capsys, *(str(directory) for directory, _ in two_runs.values()),
@@ -52,6 +65,11 @@ def test_report_tables_both_runs_and_links_the_charts(two_runs, tmp_path, capsys
         assert rows[name]["test loss"] == f"{metrics['test_loss']:.4f}"
         assert rows[name]["epochs"] == str(metrics["epochs_completed"])
         assert rows[name]["model"] == "cnn" and rows[name]["parameters"] == f"{metrics['num_parameters']:,}"
+        assert rows[name]["train time"] == progress.format_duration(metrics["train_seconds"])
+        assert rows[name]["train img/s"] == f"{metrics['train_images_per_second']:,.0f}"
+        wall_seconds = logged_wall_seconds(two_runs[name][0])
+        assert wall_seconds >= metrics["train_seconds"] > 0  # The logs span the whole run, training included.
+        assert rows[name]["wall time"] == progress.format_duration(wall_seconds)
     assert table_rows(out) == rows  # The same table on stdout.
     charts = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
     assert set(charts) == {"accuracy.png", "loss.png", "train_loss_steps.png"}
@@ -71,7 +89,8 @@ def test_epoch_curves_come_from_the_tensorboard_logs_and_metrics_when_logs_are_g
         expected = [(entry["epoch"], entry[curve]) for entry in metrics["history"]]
         assert run.epoch_curves[curve] == [(epoch, pytest.approx(value, rel=1e-6)) for epoch, value in expected]
     # A training-loss point per loop of 2 steps, 4 steps making an epoch.
-    assert [epoch for epoch, _ in run.step_losses] == [0.5, 1.0, 1.5, 2.0] and run.wall_seconds > 0
+    assert [epoch for epoch, _ in run.step_losses] == [0.5, 1.0, 1.5, 2.0]
+    assert run.wall_seconds == pytest.approx(logged_wall_seconds(directory), abs=1e-3)
     shutil.copytree(directory, tmp_path / "long", ignore=shutil.ignore_patterns("logs"))
     without_logs = compare.read_run(str(tmp_path / "long"), "long")
     assert without_logs.epoch_curves["eval_accuracy"] == [(entry["epoch"], entry["eval_accuracy"])
@@ -98,3 +117,30 @@ def test_a_recipe_column_appears_when_a_run_has_one(two_runs, tmp_path):
     rows = table_rows("\n".join(compare.results_table(runs)))
     assert rows["recipe"]["recipe"] == "notebook" and rows["long"]["recipe"] == "-"
     assert "recipe" not in table_rows("\n".join(compare.results_table(runs[:1])))["long"]
+
+
+def upload_run(directory, bucket: str, prefix: str) -> str:
+    """Copies a local run into the Cloud Storage emulator, as a job with a gs:// --model_dir leaves it."""
+    from google.cloud import storage
+
+    client_bucket = storage.Client().bucket(bucket)
+    for path in pathlib.Path(directory).rglob("*"):
+        if path.is_file():
+            client_bucket.blob(f"{prefix}/{path.relative_to(directory).as_posix()}").upload_from_filename(str(path))
+    return f"gs://{bucket}/{prefix}"
+
+
+def test_gs_runs_are_compared_from_their_tensorboard_logs(two_runs, gcs_bucket, tmp_path, capsys):
+    """The same report from the bucket as from the local runs: the wall times and the per-step loss chart come
+    from the TensorBoard logs, which the download for evaluate and predict leaves out."""
+    local = [str(directory) for directory, _ in two_runs.values()]
+    remote = [upload_run(directory, gcs_bucket, f"compare/{name}") for name, directory in zip(two_runs, local)]
+    reports = {}
+    for label, directories in (("local", local), ("gcs", remote)):
+        status, out, errors = run_compare(capsys, *directories, f"--output={tmp_path / label}")
+        assert status == 0 and errors == []
+        reports[label] = out, (tmp_path / label / "README.md").read_text()
+    assert table_rows(reports["gcs"][0]) == table_rows(reports["local"][0])
+    assert all(row["wall time"] != "-" for row in table_rows(reports["gcs"][0]).values())
+    charts = [re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown) for _, markdown in reports.values()]
+    assert charts[0] == charts[1] and "train_loss_steps.png" in charts[1]

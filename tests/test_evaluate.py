@@ -114,7 +114,45 @@ def test_flip_tta_averages_each_image_with_its_mirror(trained_run, cifar_dir):
     assert results["loss"] == pytest.approx(expected_loss, rel=1e-4)
     # Mirrored CIFAR images are different inputs, so averaging them must move the loss.
     assert results["loss"] != pytest.approx(metrics["test_loss"], rel=1e-4)
-    assert json.loads((model_dir / "evaluation.json").read_text())["tta"] is True
+    recorded = json.loads((model_dir / "evaluation.json").read_text())
+    assert (recorded["tta"], recorded["tta_by"], recorded["tta_translate"]) == (True, "evaluate", 0)
+
+
+def test_a_run_trained_with_tta_is_not_flipped_again(cifar_dir, tmp_path, capsys):
+    """Its export averages flipped and shifted views itself; flipping its input as well would average other views
+    (the mirrored shifts), so --tta must leave the run's own test metrics unchanged."""
+    model_dir = tmp_path / "tta-run"
+    metrics = train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4, tta=True, tta_translate=1))
+    status, out, _ = run_evaluate(capsys, f"--model_dir={model_dir}", "--tta")
+    assert status == 0
+    results = json.loads((model_dir / "evaluation.json").read_text())
+    assert (results["tta"], results["tta_by"], results["tta_translate"]) == (True, "model", 1)
+    assert results["accuracy"] == metrics["test_accuracy"]
+    # Flipping again moves this barely trained model's loss by about 5e-5 of itself; rounding, by 1e-7.
+    assert results["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+    assert out.splitlines()[0].startswith("cifar10 test[:256]: 256 images, flip + 1-pixel shifts TTA in the model  ")
+    without_flag = evaluate.evaluate_run(str(model_dir))
+    assert (without_flag["tta"], without_flag["tta_by"]) == (True, "model")
+    assert without_flag["loss"] == results["loss"]
+
+
+def warnings_of(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_flip_tta_on_a_run_trained_without_flips_warns_in_one_line(trained_run, tmp_path, caplog):
+    model_dir, _ = trained_run
+    unflipped = tmp_path / "unflipped"
+    shutil.copytree(model_dir, unflipped)
+    config = json.loads((unflipped / "config.json").read_text())
+    (unflipped / "config.json").write_text(json.dumps({**config, "random_flip": False}))
+    evaluate.evaluate_run(str(model_dir), tta=True)
+    evaluate.evaluate_run(str(unflipped))
+    assert warnings_of(caplog) == []  # Flips seen in training, or no flips asked for.
+    results = evaluate.evaluate_run(str(unflipped), tta=True)
+    (warning,) = warnings_of(caplog)
+    assert "\n" not in warning and warning.startswith("--tta: the run trained with --random_flip=false")
+    assert (results["tta"], results["tta_by"]) == (True, "evaluate")  # Asked for, so still applied.
 
 
 def test_split_and_dataset_flags_override_the_runs_own(trained_run):

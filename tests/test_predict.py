@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -123,6 +124,22 @@ def test_the_command_names_each_unreadable_path_and_exits_1(trained_run, photos,
     assert errors == [f"error: {tmp_path / 'missing.png'}: no such file or directory",
                       f"error: {photos / 'notes.txt'}: not an image file Pillow can read (PNG or JPEG expected)"]
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["file", str(photos / "odd.png")]
+    assert "classified" not in result.stderr  # One batch: no progress to show.
+
+
+def test_more_files_than_a_batch_show_progress_on_stderr(trained_run, photos):
+    """Outside a terminal the progress is log lines: the first batch at once, then one when all are done."""
+    model_dir, _ = trained_run
+    result = run_task(f"--model_dir={model_dir}", "--batch_size=1", "--output=csv",
+                      *(str(photos / name) for name in GOOD), module="trainer.predict")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) == 1 + len(GOOD)
+    progress_lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] classified " in line]
+    assert len(progress_lines) >= 2, result.stderr[-2000:]  # More only if a batch took over 10 s.
+    assert progress_lines[0].startswith("classified 1/4 images  ")
+    for line in progress_lines[:-1]:
+        assert re.fullmatch(r"classified [1-3]/4 images  [\d,]+ img/s  ETA \d+m\d\ds", line), line
+    assert re.fullmatch(r"classified 4 images in \d+\.\ds \([\d,]+ img/s\)\.", progress_lines[-1])
 
 
 def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(trained_run, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """A real TensorBoard serves what a run logs: scalars, augmented-image grid, confusion matrices, hparams, profile."""
 
+import gzip
 import json
 import pathlib
 import socket
@@ -10,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import make_config
+from conftest import make_config, read_metrics
 from trainer import train
 
 
@@ -53,7 +54,12 @@ def get(url: str, body: dict | None = None):
     deadline = time.monotonic() + 60
     while True:  # TensorBoard loads event files in the background; retry until they show.
         try:
-            return json.loads(urllib.request.urlopen(request, timeout=10).read())
+            with urllib.request.urlopen(request, timeout=10) as response:
+                payload = response.read()
+                # The profile plugin gzips its answers whatever the request accepts.
+                if response.headers.get("Content-Encoding") == "gzip":
+                    payload = gzip.decompress(payload)
+            return json.loads(payload)
         except OSError:
             if time.monotonic() > deadline:
                 raise
@@ -73,8 +79,7 @@ def test_scalars_are_served(tensorboard):
     tags = wait_for(lambda: get(f"{tensorboard}/data/plugin/scalars/tags"),
                     lambda tags: "accuracy" in tags.get("eval", {}))
     assert {"loss", "learning_rate", "images_per_second", "accuracy", "epoch_seconds"} <= set(tags["train"])
-    assert {"loss", "accuracy"} <= set(tags["eval"])
-    assert {"test_accuracy", "test_loss"} <= set(tags["."])
+    assert {"loss", "accuracy", "test_accuracy", "test_loss"} <= set(tags["eval"])
 
 
 def test_augmented_images_and_confusion_matrices_are_served(tensorboard):
@@ -95,8 +100,37 @@ def test_hparams_dashboard_lists_the_flags_and_metrics(tensorboard):
     assert {"accuracy", "test_accuracy"} <= metrics
 
 
-def test_profile_trace_is_captured(logged_run, tensorboard):
+# What the HParams dashboard asks for to fill its table: every session, whatever its status.
+SESSION_GROUPS_REQUEST = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
+                          "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}
+
+
+def test_hparams_dashboard_shows_the_runs_final_eval_and_test_metrics(logged_run, tensorboard):
+    """With `tensorboard --logdir MODEL_DIR/logs`, as the README says, every metric column has the run's value."""
+    expected = read_metrics(logged_run)
+    response = wait_for(lambda: get(f"{tensorboard}/data/plugin/hparams/session_groups", SESSION_GROUPS_REQUEST),
+                        lambda response: any(len(group.get("metricValues", [])) >= 4
+                                                        for group in response.get("sessionGroups", [])),
+                        timeout=20)
+    (group,) = response["sessionGroups"]
+    assert group["name"] == logged_run.name and group["hparams"]["model"] == "cnn"
+    values = {value["name"]["tag"]: value["value"] for value in group["metricValues"]}
+    assert values == {"accuracy": pytest.approx(expected["history"][-1]["eval_accuracy"], rel=1e-6),
+                      "loss": pytest.approx(expected["history"][-1]["eval_loss"], rel=1e-6),
+                      "test_accuracy": pytest.approx(expected["test_accuracy"], rel=1e-6),
+                      "test_loss": pytest.approx(expected["test_loss"], rel=1e-6)}
+
+
+def test_profile_plugin_serves_the_captured_trace(logged_run, tensorboard):
     traces = list(pathlib.Path(logged_run, "logs", "plugins", "profile").glob("*/*.xplane.pb"))
-    assert traces, "no profiler trace was written"
+    assert len(traces) == 1, "expected one profiler trace for --profile_steps=2,3"
     plugins = get(f"{tensorboard}/data/plugins_listing")
-    assert "profile" in plugins or "profile_redirect" in plugins
+    # Without tensorboard-plugin-profile, TensorBoard lists a "profile_redirect" page that asks to install it.
+    assert plugins.get("profile", {}).get("enabled") is True and "profile_redirect" not in plugins
+    profile = f"{tensorboard}/data/plugin/profile"
+    trace_run = traces[0].parent.name  # The profile plugin's runs are the trace folders under the logdir root.
+    assert get(f"{profile}/runs") == [trace_run]
+    tools = get(f"{profile}/run_tools?run={trace_run}")
+    assert any(tool.startswith("trace_viewer") for tool in tools), tools
+    hosts = get(f"{profile}/hosts?run={trace_run}&tag=trace_viewer")
+    assert [host["hostname"] for host in hosts] == [traces[0].name.removesuffix(".xplane.pb")]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import posixpath
 
 from absl import app
 from absl import flags
@@ -10,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from trainer import cli
+from trainer import gcs
 from trainer import runs
 from trainer import progress
 from trainer import reports
@@ -73,6 +75,8 @@ def read_scalars(log_dir: str) -> tuple[dict[str, list[tuple[int, float]]], list
 
 def read_run(directory: str, name: str) -> Run:
     run_dir = runs.local_run_dir(directory)
+    if gcs.is_gcs(directory):
+        download_logs(directory, os.path.join(run_dir, "logs"))
     metrics = storage.read_json(os.path.join(run_dir, "metrics.json"))
     if metrics is None:
         raise UsageError(f"{directory} has no metrics.json; give the --model_dir of a finished run of trainer.task.")
@@ -81,6 +85,23 @@ def read_run(directory: str, name: str) -> Run:
     curves, step_losses = _epoch_curves(metrics, {kind: scalars for kind, (scalars, _) in logs.items()})
     return Run(name, directory, metrics, curves, step_losses,
                max(wall_times) - min(wall_times) if wall_times else None)
+
+
+def download_logs(model_dir: str, local_logs: str) -> None:
+    """Fetches a gs:// run's TensorBoard logs into local_logs; the download of the run leaves them out, as
+    evaluate and predict do not need them."""
+    from google.api_core import exceptions as api_exceptions
+
+    remote_logs = storage.run_locations(model_dir)["logs"]
+    if not gcs.split_uri(remote_logs)[1]:
+        raise UsageError(f"{model_dir}: its TensorBoard logs are a whole bucket ({remote_logs}), which compare "
+                         "does not download; copy the run to a local directory and compare that.")
+    parent, logs_name = posixpath.split(remote_logs)
+    try:
+        gcs.Mirror([gcs.Root(os.path.dirname(local_logs), parent)]).download_tree(logs_name, local_logs)
+    except (api_exceptions.GoogleAPIError, OSError) as error:
+        raise UsageError(f"{model_dir}: cannot download its TensorBoard logs from {remote_logs} "
+                         f"({one_line(error, 160)}).") from error
 
 
 def _epoch_curves(metrics: dict, logs: dict) -> tuple[dict, list]:

@@ -32,8 +32,34 @@ EPSILON = 1e-7
 
 # Evaluation.
 
+def applied_tta(config: dict, requested: bool) -> dict:
+    """The TTA the evaluation applies, as evaluation.json records it.
+
+    A run trained with --tta has it inside its model (export and rebuilt checkpoint alike), so flipping here
+    too would only add views the run never averaged (its shifted views, mirrored); --tta then changes nothing.
+    """
+    if config.get("tta"):
+        if requested:
+            logging.info("The model averages its own test-time views (the run trained with --tta); "
+                         "--tta adds no flips.")
+        return {"tta": True, "tta_by": "model", "tta_translate": config.get("tta_translate", 0)}
+    if requested and config.get("random_flip") is False:
+        logging.warning("--tta: the run trained with --random_flip=false, so mirror images are new to the model "
+                        "and flip TTA can change its answers; evaluate without --tta to measure it as trained.")
+    return {"tta": requested, "tta_by": "evaluate" if requested else None, "tta_translate": 0}
+
+
+def describe_tta(results: dict) -> str:
+    """'flip TTA', with the model's shifted views and where it ran; '' without TTA."""
+    if not results["tta"]:
+        return ""
+    shifts = f" + {results['tta_translate']}-pixel shifts" if results.get("tta_translate") else ""
+    return f"flip{shifts} TTA{' in the model' if results.get('tta_by') == 'model' else ''}"
+
+
 def predict_split(classifier: runs.Classifier, builder, split: str, total: int, *, batch_size: int, tta: bool) -> tuple:
-    """(probabilities [N, classes], labels [N]) of the `total` examples of the split, in order."""
+    """(probabilities [N, classes], labels [N]) of the `total` examples of the split, in order; with `tta`,
+    averaged with the mirror images'."""
     batches = data.decoded_examples(builder, split).batch(batch_size).prefetch(data.AUTOTUNE)
     meter = progress.ImageProgress(total, "evaluated")
     probabilities, labels = [], []
@@ -109,15 +135,16 @@ def evaluate_run(model_dir: str, *, split: str | None = None, dataset: str | Non
         raise UsageError(f"--dataset={dataset} has {info.num_classes} classes of {info.image_shape} images, but the "
                          f"model in {model_dir} takes {classifier.image_shape} images and knows "
                          f"{len(classifier.class_names)} classes; give the dataset it was trained on.")
+    augmentation = applied_tta(config, tta)
     logging.info("Evaluating %s on %s %s (%s examples%s).", classifier.source, dataset, split,
-                 f"{info.num_eval_examples:,}", ", flip TTA" if tta else "")
+                 f"{info.num_eval_examples:,}", f", {describe_tta(augmentation)}" if augmentation["tta"] else "")
     probabilities, labels = predict_split(classifier, builder, split, info.num_eval_examples, batch_size=batch_size,
-                                         tta=tta)
+                                         tta=augmentation["tta_by"] == "evaluate")
     results = {"model_dir": model_dir, "model": config.get("model"), "source": classifier.source, "dataset": dataset,
-               "split": split, "tta": tta, **summarize(probabilities, labels, info.class_names)}
+               "split": split, **augmentation, **summarize(probabilities, labels, info.class_names)}
     storage.write_json(os.path.join(run_dir, EVALUATION_FILE), results)
-    title = (f"{config.get('model', 'model')} on {dataset} {split}{' (flip TTA)' if tta else ''}: "
-             f"accuracy {results['accuracy']:.4f}")
+    title = (f"{config.get('model', 'model')} on {dataset} {split}"
+             f"{f' ({describe_tta(results)})' if results['tta'] else ''}: accuracy {results['accuracy']:.4f}")
     reports.plot_confusion_matrix(os.path.join(run_dir, CONFUSION_PLOT), results["confusion_matrix"],
                                   info.class_names, title)
     runs.save_back(model_dir)
@@ -129,7 +156,7 @@ def format_results(results: dict) -> str:
     """The evaluation as a person reads it: overall metrics, a per-class table and the most confused pairs."""
     top5 = f"  top-5 accuracy {results['top5_accuracy']:.4f}" if results["top5_accuracy"] is not None else ""
     lines = [f"{results['dataset']} {results['split']}: {results['num_examples']:,} images"
-             f"{', flip TTA' if results['tta'] else ''}  (model: {results['source']})",
+             f"{f', {describe_tta(results)}' if results['tta'] else ''}  (model: {results['source']})",
              f"accuracy {results['accuracy']:.4f}  loss {results['loss']:.4f}{top5}", ""]
     width = max(len("class"), *(len(entry["name"]) for entry in results["classes"]))
     lines.append(f"{'class':<{width}}  {'examples':>8}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'f1':>6}")
@@ -160,7 +187,8 @@ flags.DEFINE_string("dataset", None, "TFDS dataset. Default: the run's.", flag_v
 flags.DEFINE_string("data_dir", None, "TFDS data directory. Default: the run's --data_dir, else TFDS's own or "
                     "$TFDS_DATA_DIR.", flag_values=FLAGS)
 flags.DEFINE_bool("tta", False, "Flip test-time augmentation: average the probabilities of each image and its "
-                  "mirror image.", flag_values=FLAGS)
+                  "mirror image. A run trained with --tta has its own TTA in the model, which is used with or "
+                  "without this flag.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 256, "Images per prediction batch.", flag_values=FLAGS)
 
 

@@ -6,21 +6,29 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-# What the HParams dashboard lists for each run: written to logs/eval every epoch, and at the end.
-HPARAMS_METRICS = (("accuracy", "eval"), ("loss", "eval"), ("test_accuracy", None), ("test_loss", None))
+# What the HParams dashboard lists for each run: (tag, display name), all in logs/eval (see Summaries).
+HPARAMS_METRICS = (("accuracy", "eval accuracy"), ("loss", "eval loss"), ("test_accuracy", "test accuracy"),
+                   ("test_loss", "test loss"))
 
 
 class Summaries:
-    """Writers for logs/train, logs/eval and logs/ itself (hparams); no-ops on workers that must not write."""
+    """Writers for logs/train and logs/eval; no-ops on workers that must not write.
+
+    The run-level summaries (kind "run": the final test metrics and the HParams session) go to logs/eval,
+    beside the per-epoch eval metrics. TensorBoard looks up a session's metrics in the run named
+    "<session run>/<group>"; a session at the logdir root is run ".", and "./eval" matches no run, so
+    with `tensorboard --logdir MODEL_DIR/logs` the eval columns of the HParams dashboard would stay empty.
+    """
 
     def __init__(self, log_dir: str, enabled: bool):
         self.log_dir, self.enabled = log_dir, enabled
-        kinds = ("train", "eval", "run")
         if enabled:
-            self._writers = {kind: tf.summary.create_file_writer(log_dir if kind == "run" else
-                                                                 os.path.join(log_dir, kind)) for kind in kinds}
+            self._writers = {kind: tf.summary.create_file_writer(os.path.join(log_dir, kind))
+                             for kind in ("train", "eval")}
         else:
-            self._writers = {kind: tf.summary.create_noop_writer() for kind in kinds}
+            self._writers = {kind: tf.summary.create_noop_writer() for kind in ("train", "eval")}
+        # One writer per directory: TensorBoard stops reading an event file once a newer one appears beside it.
+        self._writers["run"] = self._writers["eval"]
         self._profiling = False
 
     def scalars(self, kind: str, step: int, values: dict) -> None:
@@ -45,7 +53,7 @@ class Summaries:
         """The run's flags for TensorBoard's HParams dashboard, which compares runs side by side."""
         clean = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
                  for name, value in values.items() if value is not None}
-        metrics = [hparams_api.Metric(tag, group=group) for tag, group in HPARAMS_METRICS]
+        metrics = [hparams_api.Metric(tag, display_name=name) for tag, name in HPARAMS_METRICS]
         with self._writers["run"].as_default(step=0):
             hparams_api.hparams_config(hparams=[hparams_api.HParam(name) for name in clean], metrics=metrics)
             hparams_api.hparams(clean, trial_id=run_name)
