@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,26 +31,30 @@ import tensorflow as tf  # noqa: E402
 
 from trainer import data  # noqa: E402
 from trainer import distribution  # noqa: E402
-from trainer import models  # noqa: E402
-from trainer import progress  # noqa: E402
 from trainer import recipes  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.steps import Trainer  # noqa: E402
+
+from benchmarks import report  # noqa: E402
 
 SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast")
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.")
 flags.DEFINE_float("round_seconds", 8.0, "Target length of one timed round.")
 flags.DEFINE_string("output", str(ROOT / "benchmarks" / "results.json"), "Where the raw results go (JSON).")
+flags.DEFINE_list("models", ["cnn", "airbench", "resnet50"],
+                  "Models for the throughput section; rows of other models already in the results file are kept.")
 flags.DEFINE_bool("update_readme", False, "Rewrite the README's results section from the results file.")
 FLAGS = flags.FLAGS
 
 BATCH_SIZE = 128
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 # Models at the sizes measured here: resnet50 at 64x64 (224x224 runs at a few images/s on 2 cores).
 MODELS = {"cnn": {}, "airbench": {}, "resnet50": {"image_size": 64, "weights": "none"}}
 # Steps per timed call, float32 and mixed_bfloat16: the slow ones take seconds a step, so loop overhead is
 # negligible there and fewer steps keep the whole table within minutes.
 LOOP_STEPS = {"cnn": (50, 10), "airbench": (10, 2), "resnet50": (10, 2)}
+# Models whose XLA rows are left out, and why (it is said in the table too).
+XLA_SKIPPED = {"resnet50": "compiling its 10-step training loop took over 10 minutes on a 2-core CPU, and XLA is "
+                           "slower than oneDNN for both other models"}
 CNN_FEATURES = ("--model=cnn --epochs=10 --batch_size=128 --optimizer=adam --learning_rate=0.003 "
                 "--lr_schedule=onecycle --label_smoothing=0.1 --translate=2 --brightness=0 --dropout=0.3 "
                 "--early_stopping_patience=0")
@@ -67,6 +70,7 @@ def machine() -> dict:
                             ":!benchmarks/*.json"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {"date": datetime.date.today().isoformat(), "commit": commit.strip() + ("+changes" if dirty else ""),
             "cpu": cpu, "cores": os.cpu_count(), "avx512": any(flag.startswith("avx512") for flag in cpu_flags),
+            "bf16": bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags)),
             "amx": any(flag.startswith("amx") for flag in cpu_flags),
             "gpus": len(tf.config.list_physical_devices("GPU")), "python": platform.python_version(),
             "tensorflow": tf.__version__, "keras": keras.__version__}
@@ -160,9 +164,12 @@ def timed_rounds(runners: dict, rounds: int = 5, warmup_steps: int = 50) -> dict
 def benchmark_throughput() -> dict:
     """Training images/s per model, precision and XLA setting, with real and with synthetic data."""
     rows = []
-    for model in MODELS:
+    for model in FLAGS.models:
         for precision in ("float32", "mixed_bfloat16"):
             for jit in (False, True):
+                if jit and model in XLA_SKIPPED:
+                    logging.info("throughput: %s with XLA skipped: %s", model, XLA_SKIPPED[model])
+                    continue
                 trainer = make_trainer(model, precision, jit_compile=jit)
                 steps = LOOP_STEPS[model][precision != "float32"]
                 medians = timed_rounds(
@@ -170,38 +177,40 @@ def benchmark_throughput() -> dict:
                      "synthetic": loop_runner(trainer, synthetic_iterator(trainer), steps)},
                     rounds=3, warmup_steps=steps)
                 rows.append({"model": model, "precision": precision, "jit_compile": jit, "steps_per_loop": steps,
-                             **medians, "ratio": medians["real"] / medians["synthetic"]})
+                             "batch_size": BATCH_SIZE, **medians, "ratio": medians["real"] / medians["synthetic"]})
                 logging.info("throughput %s", rows[-1])
-    return {"rows": rows}
+    return {"rows": rows, "skipped": {model: reason for model, reason in XLA_SKIPPED.items() if model in FLAGS.models}}
 
 
 def benchmark_sweep() -> dict:
-    """cnn images/s (float32, no XLA) against steps_per_loop and batch size."""
+    """cnn images/s (the job's default precision, no XLA) against steps_per_loop and batch size."""
     rows = []
     for batch_size, steps_per_loop in ((128, 1), (128, 10), (128, 50), (128, 200), (64, 50), (256, 50), (512, 50)):
-        trainer = make_trainer("cnn", batch_size=batch_size)
+        trainer = make_trainer("cnn", "auto", batch_size=batch_size)
         iterator = trainer.training_iterator(trainer.phases[0])
         medians = timed_rounds({"real": loop_runner(trainer, iterator, steps_per_loop)}, rounds=3,
                                warmup_steps=steps_per_loop)
-        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop,
+        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop, "precision": trainer.precision,
                      "images_per_second": medians["real"] * batch_size / BATCH_SIZE})
         logging.info("sweep %s", rows[-1])
     return {"rows": rows}
 
 
 def benchmark_fit() -> dict:
-    """Our loop vs Keras model.fit per model: same model, batch and data (no augmentation), same process."""
+    """Our loop vs Keras model.fit per model: same model, precision (the job's default), batch and data (no
+    augmentation), same process."""
     rows = []
     for model in MODELS:
-        trainer = make_trainer(model, augment=False)
-        reference = make_trainer(model, augment=False).model
+        trainer = make_trainer(model, "auto", augment=False)
+        reference = make_trainer(model, "auto", augment=False).model
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         batches = training_batches(50000).map(lambda images, labels: (tf.cast(images, tf.float32), labels))
         steps = LOOP_STEPS[model][0]
         medians = timed_rounds({"ours": loop_runner(trainer, trainer.training_iterator(trainer.phases[0]), steps),
                                 "fit": fit_runner(reference, batches)}, warmup_steps=steps)
-        rows.append({"model": model, **medians, "ratio": medians["ours"] / medians["fit"]})
+        rows.append({"model": model, "precision": trainer.precision, "batch_size": BATCH_SIZE, **medians,
+                     "ratio": medians["ours"] / medians["fit"]})
         logging.info("fit %s", rows[-1])
     return {"rows": rows}
 
@@ -216,14 +225,10 @@ def run_job(name: str, flags_text: str) -> dict:
     metrics = json.loads((model_dir / "metrics.json").read_text())
     return {"command": "python -m trainer.task " + flags_text, "wall_seconds": time.perf_counter() - began,
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],
+            "precision": metrics["precision"],
             "train_images_per_second": metrics["train_images_per_second"],
             "history": [{key: entry[key] for key in ("epoch", "eval_accuracy", "elapsed_seconds")}
                         for entry in metrics["history"]], "model_dir": str(model_dir)}
-
-
-def time_to(result: dict, target: float) -> float | None:
-    """Wall time (set-up included) at the end of the first epoch whose evaluation reached `target`."""
-    return next((entry["elapsed_seconds"] for entry in result["history"] if entry["eval_accuracy"] >= target), None)
 
 
 def benchmark_seed() -> dict:
@@ -241,21 +246,6 @@ def benchmark_fast() -> dict:
     return results
 
 
-def training_gflops_per_image(model_name: str) -> float:
-    """Multiply-adds of the convolutions and dense layers for one 32x32 image, x2 FLOPs, x3 for forward + backward."""
-    network = models.build(model_name, image_shape=(32, 32, 3), num_classes=10, image_size=None, dropout=0.0,
-                           weights="none")
-    multiply_adds = 0
-    for layer in network.model.layers:
-        if isinstance(layer, keras.layers.Conv2D) or type(layer).__name__ == "PatchWhitening":
-            kernel = layer.kernel.shape
-            output = layer.output.shape
-            multiply_adds += int(np.prod(output[1:3])) * int(np.prod(kernel))
-        elif isinstance(layer, keras.layers.Dense):
-            multiply_adds += int(np.prod(layer.kernel.shape))
-    return 3 * 2 * multiply_adds / 1e9
-
-
 def benchmark_cache() -> dict:
     """Frozen-phase epoch time with and without cached backbone features (resnet50, --weights=none)."""
     common = ("--model=resnet50 --weights=none --image_size=64 --train_split=train[:5000] --eval_split=test[:500] "
@@ -269,94 +259,14 @@ def benchmark_cache() -> dict:
     return results
 
 
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"Measured on {m['cpu']}, {m['cores']} cores (AVX-512: {'yes' if m['avx512'] else 'no'}, AMX: "
-             f"{'yes' if m['amx'] else 'no'}), {m['gpus']} GPUs; TensorFlow {m['tensorflow']}, Keras {m['keras']}. "
-             "Each row says when and at which commit it was measured. Regenerate with "
-             "`python benchmarks/run.py --update_readme` (or `--only=SECTION,...`).", ""]
-    lines += _throughput_rows(results) + [""] + _accuracy_rows(results)
-    return "\n".join(lines) + "\n"
-
-
-def _when(section: dict) -> str:
-    return f"{section['measured']['date']}, `{section['measured']['commit']}`"
-
-
-def _throughput_rows(results: dict) -> list[str]:
-    lines = ["| Throughput | Result | How | Measured |", "|---|---|---|---|"]
-    if "pipeline" in results:
-        pipeline = results["pipeline"]
-        lines.append(f"| Host input pipeline | {pipeline['images_per_second']:,.0f} img/s | {pipeline['how']} | "
-                     f"{_when(pipeline)} |")
-    for row in results.get("throughput", {}).get("rows", []):
-        lines.append(f"| `{row['model']}` {row['precision']}, XLA {'on' if row['jit_compile'] else 'off'} | "
-                     f"{row['real']:,.0f} img/s real, {row['synthetic']:,.0f} synthetic ({row['ratio']:.0%}) | "
-                     f"batch {BATCH_SIZE}, {row['steps_per_loop']} steps per call, flip + brightness on the device; "
-                     "synthetic = one in-memory batch | "
-                     f"{_when(results['throughput'])} |")
-    for row in results.get("sweep", {}).get("rows", []):
-        lines.append(f"| `cnn` batch {row['batch_size']}, steps_per_loop {row['steps_per_loop']} | "
-                     f"{row['images_per_second']:,.0f} img/s | float32, XLA off, real data | "
-                     f"{_when(results['sweep'])} |")
-    for row in results.get("fit", {}).get("rows", []):
-        lines.append(f"| Our loop vs Keras `model.fit`, `{row['model']}` | {row['ratio']:.2f}x ({row['ours']:,.0f} vs "
-                     f"{row['fit']:,.0f} img/s) | same process, model, batch {BATCH_SIZE} and pipeline, no "
-                     f"augmentation | {_when(results['fit'])} |")
-    return lines
-
-
-def _accuracy_rows(results: dict) -> list[str]:
-    lines = ["| Accuracy (full CIFAR-10 test set) | Result | Command | Measured |", "|---|---|---|---|"]
-    for key, label in (("seed", "`--recipe=seed` (notebook: 56%)"),
-                       ("features", "`cnn` + translate, one-cycle, label smoothing (10 epochs)")):
-        if key in results:
-            run = results[key]
-            lines.append(f"| {label} | {run['test_accuracy']:.2%} in {progress.format_duration(run['wall_seconds'])} "
-                         f"| `{run['command']}` | {_when(run)} |")
-    for key, run in results.get("fast", {}).items():
-        if key == "measured":
-            continue
-        reached = {target: time_to(run, target) for target in (0.90, 0.94)}
-        times = ", ".join(f"{target:.0%} after {progress.format_duration(seconds)}" if seconds else
-                          f"{target:.0%} not reached" for target, seconds in reached.items())
-        wall = progress.format_duration(run["wall_seconds"])
-        speed = _training_speed(run, recipes.RECIPES[key]["flags"]["model"])
-        lines.append(f"| `--recipe={key}` | {run['test_accuracy']:.2%} in {wall} ({times}); {speed} | "
-                     f"`{run['command']}` | {_when(results['fast'])} |")
-    if "cache" in results:
-        cache = results["cache"]
-        uncached, cached = cache["uncached"]["epoch_seconds"], cache["cached"]["epoch_seconds"]
-        lines.append(f"| Feature caching, frozen resnet50 phase | epochs {', '.join(f'{s:.0f}s' for s in uncached)}"
-                     f" uncached vs {', '.join(f'{s:.0f}s' for s in cached)} cached "
-                     f"({np.mean(uncached[1:]) / max(np.mean(cached[1:]), 1e-9):.0f}x on epochs after the first) | "
-                     f"`{cache['command']}` | {_when(cache)} |")
-    return lines
-
-
-def _training_speed(run: dict, model_name: str) -> str:
-    """Training img/s and the arithmetic rate it means, which shows how close to the CPU's limit it runs."""
-    images_per_second = run.get("train_images_per_second")
-    if images_per_second is None:  # Recorded before run_job kept it: the run's own metrics.json has it.
-        images_per_second = json.loads((pathlib.Path(run["model_dir"]) / "metrics.json").read_text())[
-            "train_images_per_second"]
-    gflops = training_gflops_per_image(model_name)
-    return (f"{images_per_second:,.0f} img/s x {gflops:.2f} GFLOP per training image = "
-            f"{images_per_second * gflops:,.0f} GFLOP/s")
-
-
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}{README_END}", text))
-
-
 def main(argv):
     del argv
     unknown = set(FLAGS.only) - set(SECTIONS)
     if unknown:
         raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")
+    if set(FLAGS.models) - set(MODELS):
+        raise app.UsageError(f"--models: unknown {sorted(set(FLAGS.models) - set(MODELS))}; choose from "
+                             f"{', '.join(MODELS)}.")
     # --data_dir is the trainer's own flag; here it defaults to the prepared copy beside the repo.
     FLAGS.data_dir = FLAGS.data_dir or os.environ.get("TFDS_DATA_DIR") or str(
         ROOT.parent / "shared" / "tensorflow_datasets")
@@ -366,13 +276,17 @@ def main(argv):
     for section in SECTIONS:
         if section in FLAGS.only:
             logging.info("Running %s.", section)
-            results[section] = {**globals()[f"benchmark_{section}"](),
-                                "measured": {key: results["machine"][key] for key in ("date", "commit")}}
+            measured = {**globals()[f"benchmark_{section}"](),
+                        "measured": {key: results["machine"][key] for key in ("date", "commit")}}
+            if section == "throughput":  # Keep the rows of models not measured this time, with their own dates.
+                kept = [{"measured": results[section]["measured"], **row} for row in
+                        results.get(section, {}).get("rows", []) if row["model"] not in FLAGS.models]
+                measured["rows"] = kept + [{"measured": measured["measured"], **row} for row in measured["rows"]]
+            results[section] = measured
             output.write_text(json.dumps(results, indent=2) + "\n")  # Keep what is done if a later section fails.
-    table = markdown(results)
-    print(table)
+    print(report.markdown(results))
     if FLAGS.update_readme:
-        update_readme(table)
+        report.update_readme(results)
 
 
 if __name__ == "__main__":

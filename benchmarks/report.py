@@ -1,0 +1,164 @@
+"""The README's results section, and its chart, rendered from benchmarks/results.json."""
+
+import json
+import pathlib
+import re
+
+import keras
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer import models  # noqa: E402
+from trainer import progress  # noqa: E402
+from trainer import recipes  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+FAST_CHART = "benchmarks/fast.png"
+TARGETS = (0.90, 0.94)
+
+
+def markdown(results: dict) -> str:
+    machine = results["machine"]
+    lines = [f"Measured on {describe_machine(machine)}; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}. "
+             "Each row says when and at which commit it was measured (`+changes`: with uncommitted changes). "
+             "Regenerate with `python benchmarks/run.py --update_readme` (or `--only=SECTION,...`; "
+             "`python benchmarks/run.py --help` lists them).", ""]
+    lines += _throughput_rows(results) + [""] + _accuracy_rows(results)
+    if "fast" in results:
+        lines += ["", f"![Test accuracy of --recipe=fast against wall time on this machine]({FAST_CHART})"]
+    return "\n".join(lines) + "\n"
+
+
+def describe_machine(machine: dict) -> str:
+    features = [name for name, present in (("AVX-512", machine.get("avx512")), ("AVX-512 BF16", machine.get("bf16")),
+                                           ("AMX", machine.get("amx"))) if present]
+    return (f"{machine['cpu']}, {machine['cores']} cores ({', '.join(features) or 'no AVX-512'}), "
+            f"{machine['gpus']} GPUs")
+
+
+def _when(section: dict) -> str:
+    return f"{section['measured']['date']}, `{section['measured']['commit']}`"
+
+
+def _throughput_rows(results: dict) -> list[str]:
+    lines = ["| Throughput | Result | How | Measured |", "|---|---|---|---|"]
+    if "pipeline" in results:
+        pipeline = results["pipeline"]
+        lines.append(f"| Host input pipeline | {pipeline['images_per_second']:,.0f} img/s | {pipeline['how']} | "
+                     f"{_when(pipeline)} |")
+    throughput = results.get("throughput", {})
+    for row in throughput.get("rows", []):
+        lines.append(f"| `{row['model']}` {row['precision']}, XLA {'on' if row['jit_compile'] else 'off'} | "
+                     f"{row['real']:,.0f} img/s real, {row['synthetic']:,.0f} synthetic ({row['ratio']:.0%}) | "
+                     f"batch {row['batch_size']}, {row['steps_per_loop']} steps per call, flip + brightness on the "
+                     f"device; synthetic = one in-memory batch | {_when(row)} |")
+    for model, reason in throughput.get("skipped", {}).items():
+        lines.append(f"| `{model}`, XLA on | not measured | {reason} | {_when(throughput)} |")
+    for row in results.get("sweep", {}).get("rows", []):
+        lines.append(f"| `cnn` batch {row['batch_size']}, steps_per_loop {row['steps_per_loop']} | "
+                     f"{row['images_per_second']:,.0f} img/s | {row['precision']}, XLA off, real data | "
+                     f"{_when(results['sweep'])} |")
+    for row in results.get("fit", {}).get("rows", []):
+        lines.append(f"| Our loop vs Keras `model.fit`, `{row['model']}` | {row['ratio']:.2f}x ({row['ours']:,.0f} vs "
+                     f"{row['fit']:,.0f} img/s) | same process, model, batch {row['batch_size']}, precision "
+                     f"{row['precision']} and pipeline, no augmentation | {_when(results['fit'])} |")
+    return lines
+
+
+def _accuracy_rows(results: dict) -> list[str]:
+    lines = ["| Accuracy (full CIFAR-10 test set) | Result | Command | Measured |", "|---|---|---|---|"]
+    for key, label in (("seed", "`--recipe=seed` (notebook: 56%)"),
+                       ("features", "`cnn` + translate, one-cycle, label smoothing (10 epochs)")):
+        if key in results:
+            run = results[key]
+            lines.append(f"| {label} | {run['test_accuracy']:.2%} in {progress.format_duration(run['wall_seconds'])}, "
+                         f"{run['precision']} | `{run['command']}` | {_when(run)} |")
+    for key, run in results.get("fast", {}).items():
+        if key == "measured":
+            continue
+        reached = {target: time_to(run, target) for target in TARGETS}
+        times = ", ".join(f"{target:.0%} after {progress.format_duration(seconds)}" if seconds else
+                          f"{target:.0%} not reached" for target, seconds in reached.items())
+        wall = progress.format_duration(run["wall_seconds"])
+        speed = _training_speed(run, recipes.RECIPES[key]["flags"]["model"])
+        lines.append(f"| `--recipe={key}` | {run['test_accuracy']:.2%} in {wall} ({times}), {run['precision']}; "
+                     f"{speed} | `{run['command']}` | {_when(results['fast'])} |")
+    if "cache" in results:
+        cache = results["cache"]
+        uncached, cached = cache["uncached"]["epoch_seconds"], cache["cached"]["epoch_seconds"]
+        lines.append(f"| Feature caching, frozen resnet50 phase | epochs {', '.join(f'{s:.0f}s' for s in uncached)}"
+                     f" uncached vs {', '.join(f'{s:.0f}s' for s in cached)} cached "
+                     f"({np.mean(uncached[1:]) / max(np.mean(cached[1:]), 1e-9):.0f}x on epochs after the first) | "
+                     f"`{cache['command']}` | {_when(cache)} |")
+    return lines
+
+
+def time_to(result: dict, target: float) -> float | None:
+    """Wall time (set-up included) at the end of the first epoch whose evaluation reached `target`, else the
+    whole command's, if its final evaluation (which adds --tta_translate's views) did."""
+    reached = (entry["elapsed_seconds"] for entry in result["history"] if entry["eval_accuracy"] >= target)
+    return next(reached, result["wall_seconds"] if result["test_accuracy"] >= target else None)
+
+
+def training_gflops_per_image(model_name: str) -> float:
+    """Multiply-adds of the convolutions and dense layers for one 32x32 image, x2 FLOPs, x3 for forward + backward."""
+    network = models.build(model_name, image_shape=(32, 32, 3), num_classes=10, image_size=None, dropout=0.0,
+                           weights="none")
+    multiply_adds = 0
+    for layer in network.model.layers:
+        if isinstance(layer, keras.layers.Conv2D) or type(layer).__name__ == "PatchWhitening":
+            multiply_adds += int(np.prod(layer.output.shape[1:3])) * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):
+            multiply_adds += int(np.prod(layer.kernel.shape))
+    return 3 * 2 * multiply_adds / 1e9
+
+
+def _training_speed(run: dict, model_name: str) -> str:
+    """Training img/s and the arithmetic rate it means, which shows how close to the CPU's limit it runs."""
+    images_per_second = run["train_images_per_second"]
+    gflops = training_gflops_per_image(model_name)
+    return (f"{images_per_second:,.0f} img/s x {gflops:.2f} GFLOP per training image = "
+            f"{images_per_second * gflops:,.0f} GFLOP/s")
+
+
+def plot_fast(results: dict, path: pathlib.Path) -> None:
+    """Evaluation accuracy after each epoch of the fast recipe against wall time, with the final (TTA) result."""
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    for key, run in results.get("fast", {}).items():
+        if key == "measured":
+            continue
+        minutes = [entry["elapsed_seconds"] / 60 for entry in run["history"]]
+        line, = axes.plot(minutes, [entry["eval_accuracy"] for entry in run["history"]], marker="o",
+                          label=f"--recipe={key}, after each epoch")
+        axes.plot([run["wall_seconds"] / 60], [run["test_accuracy"]], marker="*", markersize=14,
+                  color=line.get_color(), linestyle="none", label=f"--recipe={key}, final (with TTA)")
+    for target, goal_minutes in zip(TARGETS, (15, 45)):
+        axes.axhline(target, color="grey", linewidth=0.8, linestyle="--")
+        axes.axvline(goal_minutes, color="grey", linewidth=0.8, linestyle=":")
+        axes.annotate(f"{target:.0%} goal: {goal_minutes} min", (goal_minutes, target), fontsize=8,
+                      xytext=(4, -12), textcoords="offset points")
+    axes.set(xlabel="wall time (minutes, set-up included)", ylabel="test accuracy", ylim=(0.5, 1.0),
+             title=f"CIFAR-10 from scratch on {describe_machine(results['machine'])}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def update_readme(results: dict) -> None:
+    if "fast" in results:
+        plot_fast(results, ROOT / FAST_CHART)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{markdown(results)}{README_END}", text))
+
+
+if __name__ == "__main__":
+    results_file = ROOT / "benchmarks" / "results.json"
+    update_readme(json.loads(results_file.read_text()))
