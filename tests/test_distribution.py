@@ -1,4 +1,4 @@
-"""What the multi-worker strategy is built with: --communication and --collective_timeout."""
+"""What --strategy=auto and --precision=auto pick, and what the multi-worker strategy is built with."""
 
 import json
 import os
@@ -53,3 +53,49 @@ def test_the_multi_worker_strategy_is_built_with_the_requested_communication():
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {
         "auto": ["AUTO", 45], "ring": ["RING", 45], "nccl": ["NCCL", 45]}
+
+
+def test_auto_strategy_follows_the_machine(monkeypatch):
+    config = make_config("unused", "unused")
+    gpus = []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("CLUSTER_SPEC", raising=False)
+    assert distribution.resolve_strategy_name(config) == "default"
+    gpus.append("gpu:0")
+    assert distribution.resolve_strategy_name(config) == "one_device"
+    gpus.append("gpu:1")
+    assert distribution.resolve_strategy_name(config) == "mirrored"
+    assert distribution.resolve_strategy_name(make_config("unused", "unused", tpu="local")) == "tpu"
+    monkeypatch.setenv("TPU_NAME", "my-tpu")
+    assert distribution.resolve_strategy_name(make_config("unused", "unused")) == "tpu"
+    monkeypatch.delenv("TPU_NAME")
+    cluster = {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
+    assert distribution.resolve_strategy_name(make_config("unused", "unused")) == "multi_worker_mirrored"
+    assert distribution.resolve_strategy_name(make_config("unused", "unused", strategy="default")) == "default"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx2 avx512f avx512_bf16 fma", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx2 avx512f fma", False)])
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert distribution.cpu_has_native_bfloat16(str(cpuinfo)) is expected
+    assert distribution.cpu_has_native_bfloat16(str(tmp_path / "missing")) is False
+
+
+def test_auto_precision_follows_the_accelerator(monkeypatch):
+    config = make_config("unused", "unused", precision="auto")
+    strategy = tf.distribute.get_strategy()
+    gpus = []
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    for native, expected in ((False, "float32"), (True, "mixed_bfloat16")):
+        monkeypatch.setattr(distribution, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert distribution.resolve_precision(config, strategy) == expected
+    gpus.append("gpu:0")
+    assert distribution.resolve_precision(config, strategy) == "mixed_float16"
+    assert distribution.resolve_jit_compile(None, strategy) is True
+    assert distribution.resolve_precision(make_config("unused", "unused", precision="float32"), strategy) == "float32"
+    gpus.clear()
+    assert distribution.resolve_jit_compile(None, strategy) is False
