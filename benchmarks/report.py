@@ -77,16 +77,14 @@ def _accuracy_rows(results: dict) -> list[str]:
             run = results[key]
             lines.append(f"| {label} | {run['test_accuracy']:.2%} in {progress.format_duration(run['wall_seconds'])}, "
                          f"{run['precision']} | `{run['command']}` | {_when(run)} |")
-    for key, run in results.get("fast", {}).items():
-        if key == "measured":
-            continue
+    for run in results.get("fast", {}).get("runs", []):
         reached = {target: time_to(run, target) for target in TARGETS}
         times = ", ".join(f"{target:.0%} after {progress.format_duration(seconds)}" if seconds else
                           f"{target:.0%} not reached" for target, seconds in reached.items())
         wall = progress.format_duration(run["wall_seconds"])
-        speed = _training_speed(run, recipes.RECIPES[key]["flags"]["model"])
-        lines.append(f"| `--recipe={key}` | {run['test_accuracy']:.2%} in {wall} ({times}), {run['precision']}; "
-                     f"{speed} | `{run['command']}` | {_when(results['fast'])} |")
+        speed = _training_speed(run, recipes.RECIPES["fast"]["flags"]["model"])
+        lines.append(f"| `{_flags(run)}`, {run['epochs']} epochs | {run['test_accuracy']:.2%} in {wall} ({times}), "
+                     f"{run['precision']}; {speed} | `{run['command']}` | {_when(run)} |")
     if "cache" in results:
         cache = results["cache"]
         uncached, cached = cache["uncached"]["epoch_seconds"], cache["cached"]["epoch_seconds"]
@@ -95,6 +93,10 @@ def _accuracy_rows(results: dict) -> list[str]:
                      f"({np.mean(uncached[1:]) / max(np.mean(cached[1:]), 1e-9):.0f}x on epochs after the first) | "
                      f"`{cache['command']}` | {_when(cache)} |")
     return lines
+
+
+def _flags(run: dict) -> str:
+    return run["command"].removeprefix("python -m trainer.task ")
 
 
 def time_to(result: dict, target: float) -> float | None:
@@ -128,14 +130,12 @@ def _training_speed(run: dict, model_name: str) -> str:
 def plot_fast(results: dict, path: pathlib.Path) -> None:
     """Evaluation accuracy after each epoch of the fast recipe against wall time, with the final (TTA) result."""
     figure, axes = pyplot.subplots(figsize=(7, 4))
-    for key, run in results.get("fast", {}).items():
-        if key == "measured":
-            continue
+    for run in results.get("fast", {}).get("runs", []):
         minutes = [entry["elapsed_seconds"] / 60 for entry in run["history"]]
         line, = axes.plot(minutes, [entry["eval_accuracy"] for entry in run["history"]], marker="o",
-                          label=f"--recipe={key}, after each epoch")
+                          label=f"{_flags(run)}: each epoch (flip TTA)")
         axes.plot([run["wall_seconds"] / 60], [run["test_accuracy"]], marker="*", markersize=14,
-                  color=line.get_color(), linestyle="none", label=f"--recipe={key}, final (with TTA)")
+                  color=line.get_color(), linestyle="none", label=f"{_flags(run)}: final (flip + shift TTA)")
     for target, goal_minutes in zip(TARGETS, (15, 45)):
         axes.axhline(target, color="grey", linewidth=0.8, linestyle="--")
         axes.axvline(goal_minutes, color="grey", linewidth=0.8, linestyle=":")
