@@ -77,12 +77,14 @@ def _accuracy_rows(results: dict) -> list[str]:
             run = results[key]
             lines.append(f"| {label} | {run['test_accuracy']:.2%} in {progress.format_duration(run['wall_seconds'])}, "
                          f"{run['precision']} | `{run['command']}` | {_when(run)} |")
+    # Builds the network to count its FLOPs: once for all runs, which share the recipe's model.
+    gflops = training_gflops_per_image(recipes.RECIPES["fast"]["flags"]["model"]) if "fast" in results else 0.0
     for run in results.get("fast", {}).get("runs", []):
         reached = {target: time_to(run, target) for target in TARGETS}
         times = ", ".join(f"{target:.0%} after {progress.format_duration(seconds)}" if seconds else
                           f"{target:.0%} not reached" for target, seconds in reached.items())
         wall = progress.format_duration(run["wall_seconds"])
-        speed = _training_speed(run, recipes.RECIPES["fast"]["flags"]["model"])
+        speed = _training_speed(run["train_images_per_second"], gflops)
         lines.append(f"| `{_flags(run)}`, {run['epochs']} epochs | {run['test_accuracy']:.2%} in {wall} ({times}), "
                      f"{run['precision']}; {speed} | `{run['command']}` | {_when(run)} |")
     if "cache" in results:
@@ -119,10 +121,8 @@ def training_gflops_per_image(model_name: str) -> float:
     return 3 * 2 * multiply_adds / 1e9
 
 
-def _training_speed(run: dict, model_name: str) -> str:
+def _training_speed(images_per_second: float, gflops: float) -> str:
     """Training img/s and the arithmetic rate it means, which shows how close to the CPU's limit it runs."""
-    images_per_second = run["train_images_per_second"]
-    gflops = training_gflops_per_image(model_name)
     return (f"{images_per_second:,.0f} img/s x {gflops:.2f} GFLOP per training image = "
             f"{images_per_second * gflops:,.0f} GFLOP/s")
 
