@@ -150,6 +150,8 @@ def test_unknown_dataset_and_split_get_one_clear_line(capsys, cifar_dir, tmp_pat
     # The same model_dir again: a run that failed before training must not block the corrected one.
     line = fails_in_process(capsys, "--train_split=validation", f"--data_dir={cifar_dir}", f"--model_dir={tmp_path}")
     assert "--train_split=validation is not a split of cifar10" in line and "train, test" in line
+    # The folder existed before, so it stays, but as empty as it was.
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
 
 
 def test_weights_file_of_another_model_gets_one_clear_line(capsys, cifar_dir, tmp_path):
@@ -160,6 +162,8 @@ def test_weights_file_of_another_model_gets_one_clear_line(capsys, cifar_dir, tm
     line = fails_in_process(capsys, "--model=resnet50", f"--weights={path}", "--image_size=32",
                             f"--data_dir={cifar_dir}", f"--model_dir={tmp_path / 'run'}")
     assert f"--weights={path} does not hold ResNet50 (no-top) weights" in line
+    # It failed before training, so it leaves no empty run folders behind.
+    assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_model_dir_gets_one_clear_line_and_nothing_is_lost(capsys, tmp_path):

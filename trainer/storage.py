@@ -117,16 +117,44 @@ def upload_copy(model_dir: str) -> None:
     _COPIES[model_dir].upload()
 
 
-def prepare_model_dir(paths: RunPaths) -> None:
-    """Creates the run directory, or says in one line why it cannot be written."""
+def prepare_model_dir(paths: RunPaths) -> list[str]:
+    """Creates the run directories, or says in one line why they cannot be written.
+
+    Returns the directories it created, deepest first, so that a run failing before it writes
+    anything can leave model_dir as it found it (see `remove_if_empty`).
+    """
+    created = []
     try:
         for directory in (paths.model_dir, paths.checkpoint_dir, paths.log_dir):
-            os.makedirs(directory, exist_ok=True)
+            created += _make_directories(directory)
         with tempfile.NamedTemporaryFile(dir=paths.model_dir, prefix=".write-check-"):
             pass
     except OSError as error:
+        remove_if_empty(created)
         raise UsageError(f"--model_dir={paths.model_dir} is not writable ({error.strerror}); "
                          "give a directory you can write to.") from error
+    return sorted(created, key=len, reverse=True)
+
+
+def _make_directories(directory: str) -> list[str]:
+    """Like os.makedirs, but returns the directories that did not exist before."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        directory = parent if parent != directory else ""
+    for path in reversed(missing):
+        os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def remove_if_empty(directories: list[str]) -> None:
+    """Removes those of `directories` that are still empty; the others hold something and stay."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
 
 
 def check_resume(paths: RunPaths, config: "Config") -> bool:

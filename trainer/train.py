@@ -42,7 +42,19 @@ def run(config: Config) -> dict:
     if mirror is not None:
         mirror.preflight(write=chief)
         mirror.restore()
-    storage.prepare_model_dir(paths)
+    created_directories = storage.prepare_model_dir(paths)
+    try:
+        return _train(config, strategy, paths, mirror, started)
+    except BaseException:
+        # A run that fails before writing anything (say, ImageNet weights cannot be downloaded)
+        # leaves model_dir as it found it, not with empty folders that look like a run.
+        storage.remove_if_empty(created_directories)
+        raise
+
+
+def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunPaths, mirror, started: float) -> dict:
+    """`run` once model_dir is ready: builds or restores the trainer, then runs the loop."""
+    chief = distribution.is_chief(strategy)
     resuming = storage.check_resume(paths, config)
     precision = distribution.resolve_precision(config, strategy)
     previous_policy = keras.mixed_precision.dtype_policy()
