@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, make_config, read_metrics, run_task
+from trainer import checkpoints
 from trainer import train
 from trainer.errors import TrainingError
 
@@ -147,3 +148,26 @@ def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_d
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
     for ours, theirs in zip(resumed["history"], straight["history"]):
         assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-6)
+
+
+def test_a_run_stopped_mid_epoch_and_rerun_draws_the_same_dropout_and_augmentation(cifar_dir, tmp_path, monkeypatch):
+    # Dropout (the cnn's 0.5) and on-device augmentation are on: the rerun matches the straight run only if it
+    # restores their random state, and resumes the data at the step it stopped, not at the epoch's start.
+    common = dict(epochs=2, steps_per_loop=4, checkpoint_steps=4, dropout=0.5, random_flip=True, brightness=0.2)
+    straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
+
+    save = checkpoints.CheckpointStore.save
+
+    def save_then_stop(store, step):
+        save(store, step)
+        if step == 8:  # Mid-way through epoch 1 (16 steps per epoch).
+            raise _StopAfterEpoch()
+
+    monkeypatch.setattr(checkpoints.CheckpointStore, "save", save_then_stop)
+    with pytest.raises(_StopAfterEpoch):
+        train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    monkeypatch.undo()
+    resumed = train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    assert resumed["weights_fingerprint"] == straight["weights_fingerprint"]
+    train_losses = [[entry["train_loss"] for entry in run["history"]] for run in (resumed, straight)]
+    assert train_losses[0] == train_losses[1]

@@ -13,6 +13,9 @@ from trainer.errors import one_line
 
 # Exit status after a preemption checkpoint: the job is unfinished and should be restarted.
 PREEMPTED_EXIT_CODE = 42
+# Checkpoint entries that checkpoints written by earlier versions of the trainer lack; such a
+# checkpoint still resumes, without them.
+ADDED_LATER = ("random_states",)
 
 
 class Preempted(Exception):
@@ -36,6 +39,7 @@ class CheckpointStore:
         self.directory = directory
         self.after_save = after_save
         self.is_chief = is_chief
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.read_manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
         if is_chief:
@@ -52,13 +56,23 @@ class CheckpointStore:
         if path is None:
             return None
         try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            self._checkpoint_matching(path).restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise UsageError(f"Cannot resume from {path}: it does not match this model and flags "
                              f"({one_line(error, 200)}). Use a new --model_dir.") from error
         self.last_saved_step = int(path.rsplit("-", 1)[1])
         logging.info("Resumed from %s.", path)
         return path
+
+    def _checkpoint_matching(self, path: str) -> tf.train.Checkpoint:
+        """The run's checkpoint, less the entries added since an older `path` was written."""
+        saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
+        missing = [name for name in ADDED_LATER if name in self.objects and name not in saved]
+        if not missing:
+            return self.checkpoint
+        logging.warning("%s was written by an earlier version without %s; resuming without them, so the "
+                        "random draws of dropout differ from an uninterrupted run's.", path, ", ".join(missing))
+        return tf.train.Checkpoint(**{name: value for name, value in self.objects.items() if name not in missing})
 
     def save(self, step: int) -> None:
         if step == self.last_saved_step:

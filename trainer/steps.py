@@ -139,6 +139,12 @@ class Trainer:
                             for variable in metric.variables]
         objects = {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
                    "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
+        # The model's checkpoint holds its weights only. Its random layers' seed states (Dropout's)
+        # must come back too, or a resumed run draws other dropout masks than the run it continues.
+        weight_ids = {id(weight) for weight in self.model.weights}
+        random_states = [variable for variable in self.model.variables if id(variable) not in weight_ids]
+        if random_states:
+            objects["random_states"] = random_states
         if self.average is not None:
             objects["weight_average"] = self.average.checkpoint_objects()
         if self.lookahead is not None:
