@@ -7,7 +7,8 @@ and with SIGTERMs of a random worker, each interruption at a random time after t
 training, and `--restarts` enough to survive them all. Per interruption it reports the step the
 worker was signalled at, the last step the cluster finished before stopping, the step the next
 attempt resumed from, and the lost steps (finished minus resumed). Per scenario it reports the
-wall time and final test accuracy against the uninterrupted run's. A SIGTERM must lose no step:
+wall time, final test accuracy and final weights (their fingerprint) against the uninterrupted run's;
+resumption is exact, so the weights should be identical. A SIGTERM must lose no step:
 if one does, the report says so and the script exits with status 1.
 
 Results go to benchmarks/reliability.json and, with --update_readme, to the README's block between
@@ -178,7 +179,7 @@ def scenario(name: str, signum: int | None, rng: random.Random) -> dict:
         account_for(event, job.log.attempts)
     metrics = json.loads((model_dir / "metrics.json").read_text())
     return {"wall_seconds": wall, "test_accuracy": metrics["test_accuracy"], "attempts": len(job.log.attempts),
-            "events": events}
+            "weights_fingerprint": metrics["weights_fingerprint"], "events": events}
 
 
 def account_for(event: dict, attempts: list[Attempt]) -> None:
@@ -219,8 +220,9 @@ def markdown(results: dict) -> str:
              f"interruption {job['min_delay']:g}–{job['max_delay']:g} s after its attempt starts training. Measured "
              f"{results['date']} at `{results['commit']}` with `python benchmarks/reliability.py`.", "",
              "| Scenario | Lost steps per interruption (finished → resumed from) | Wall time | "
-             f"Test accuracy (`{job['eval_split']}`) |", "|---|---|---|---|",
-             f"| Uninterrupted | – | {base['wall_seconds']:.0f} s | {base['test_accuracy']:.2%} |"]
+             f"Test accuracy (`{job['eval_split']}`) | Final weights |", "|---|---|---|---|---|",
+             f"| Uninterrupted | – | {base['wall_seconds']:.0f} s | {base['test_accuracy']:.2%} | "
+             f"fingerprint `{base['weights_fingerprint']}` |"]
     for name in ("sigkill", "sigterm"):
         run = results[name]
         label = f"{len(run['events'])} × {name.upper()} of a random worker"
@@ -229,8 +231,11 @@ def markdown(results: dict) -> str:
                          for event in run["events"]) or "–"
         slowdown = run["wall_seconds"] / base["wall_seconds"]
         accuracy_change = (run["test_accuracy"] - base["test_accuracy"]) * 100
+        # Resumption is exact, so a job that lost steps and redid them still ends on the same weights.
+        weights = "identical" if run["weights_fingerprint"] == base["weights_fingerprint"] else \
+            f"**differ** (`{run['weights_fingerprint']}`)"
         lines.append(f"| {label} | {lost} | {run['wall_seconds']:.0f} s ({slowdown:.2f}×) | "
-                     f"{run['test_accuracy']:.2%} ({accuracy_change:+.2f} points) |")
+                     f"{run['test_accuracy']:.2%} ({accuracy_change:+.2f} points) | {weights} |")
     lost = sigterm_losses(results)
     lines += ["", f"**SIGTERM lost {lost} finished steps: preemption checkpoints are broken.**" if lost else
               "SIGTERM lost no finished step, as required."]

@@ -276,9 +276,10 @@ def test_reliability_benchmark_counts_lost_steps_per_attempt():
 
 
 def test_reliability_report_names_its_interruption_count_and_any_sigterm_loss():
-    def scenario(*lost_steps):
-        return {"wall_seconds": 100.0, "test_accuracy": 0.7, "attempts": len(lost_steps) + 1, "events": [
-            {"lost_steps": lost, "last_finished_step": 100 + lost, "resumed_from": 100} for lost in lost_steps]}
+    def scenario(*lost_steps, fingerprint="1e56171037c5f3e9"):
+        return {"wall_seconds": 100.0, "test_accuracy": 0.7, "attempts": len(lost_steps) + 1,
+                "weights_fingerprint": fingerprint, "events": [
+                    {"lost_steps": lost, "last_finished_step": 100 + lost, "resumed_from": 100} for lost in lost_steps]}
 
     results = {"date": "2026-01-01", "commit": "abc+changes", "uninterrupted": scenario(),
                "sigkill": scenario(12, 3, 40), "sigterm": scenario(0, 0, 0),
@@ -286,6 +287,9 @@ def test_reliability_report_names_its_interruption_count_and_any_sigterm_loss():
                          "steps_per_loop": 10, "min_delay": 3.0, "max_delay": 20.0}}
     report = reliability.markdown(results)
     assert "3 × SIGKILL" in report and "12 (112 → 100)" in report and "SIGTERM lost no finished step" in report
+    assert report.count("| identical |") == 2 and "**differ**" not in report
+    results["sigkill"] = scenario(12, fingerprint="0000000000000000")
+    assert "**differ** (`0000000000000000`)" in reliability.markdown(results)
     results["sigterm"] = scenario(0, 7)
     assert "2 × SIGTERM" in reliability.markdown(results) and "**SIGTERM lost 7 finished steps" in \
         reliability.markdown(results)
