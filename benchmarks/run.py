@@ -188,6 +188,19 @@ def benchmark_throughput() -> dict:
     return {"rows": rows, "skipped": {model: reason for model, reason in XLA_SKIPPED.items() if model in FLAGS.models}}
 
 
+def merge_throughput(previous: dict, measured: dict, models: list[str]) -> dict:
+    """This run's throughput rows and skips, plus the earlier ones of models not measured this time.
+
+    Kept rows keep their own dates; rows stay in MODELS' order, whichever models were rerun.
+    """
+    kept = [{"measured": previous.get("measured"), **row} for row in previous.get("rows", [])
+            if row["model"] not in models]
+    rows = kept + [{"measured": measured["measured"], **row} for row in measured["rows"]]
+    skipped = {model: reason for model, reason in previous.get("skipped", {}).items() if model not in models}
+    return {**measured, "rows": sorted(rows, key=lambda row: list(MODELS).index(row["model"])),
+            "skipped": {**skipped, **measured["skipped"]}}
+
+
 def benchmark_sweep() -> dict:
     """cnn images/s (the job's default precision, no XLA) against steps_per_loop and batch size."""
     rows = []
@@ -283,10 +296,8 @@ def main(argv):
             logging.info("Running %s.", section)
             measured = {**globals()[f"benchmark_{section}"](),
                         "measured": {key: results["machine"][key] for key in ("date", "commit")}}
-            if section == "throughput":  # Keep the rows of models not measured this time, with their own dates.
-                kept = [{"measured": results[section]["measured"], **row} for row in
-                        results.get(section, {}).get("rows", []) if row["model"] not in FLAGS.models]
-                measured["rows"] = kept + [{"measured": measured["measured"], **row} for row in measured["rows"]]
+            if section == "throughput":
+                measured = merge_throughput(results.get(section, {}), measured, FLAGS.models)
             if section == "fast":  # Likewise the runs not rerun, in FAST_RUNS' order.
                 runs = {run["name"]: run for run in results.get(section, {}).get("runs", [])}
                 runs.update({run["name"]: {"measured": measured["measured"], **run} for run in measured["runs"]})
