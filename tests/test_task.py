@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def test_smoke_run_writes_every_output_and_beats_chance(smoke_run):
     for kind in ("train", "eval"):
         assert list((model_dir / "logs" / kind).glob("events.out.tfevents.*")), kind
     assert "epoch 2/2" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+
+
+def test_the_log_holds_the_jobs_messages_not_the_libraries_info(smoke_run):
+    _, result = smoke_run
+    python_info = [line for line in result.stderr.splitlines() if re.match(r"I\d{4} ", line) or "INFO:" in line]
+    sources = {match.group(1) for line in python_info if (match := re.search(r" (\w+)\.py:\d+\]", line))}
+    assert {"train", "progress", "checkpoints", "export"} <= sources
+    # TFDS's dataset readers, TensorFlow's checkpoint shards and SavedModel renames log INFO through absl too.
+    assert not sources & {"dataset_info", "reader", "logging_logger", "functional_saver", "signature_serialization"}
+    assert not [line for line in python_info if line.startswith("INFO:tensorflow")]
 
 
 def test_tensorboard_logs_hold_the_documented_scalars_and_flags(smoke_run):

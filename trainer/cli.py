@@ -1,15 +1,43 @@
 """Command-line plumbing of the results tools: private flag registries, --help, and one-line errors."""
 
 import logging as python_logging
+import os
 import sys
 from typing import Callable
 
 from absl import flags
+from absl import logging
 
 from trainer.errors import UsageError
 
 USAGE_EXIT_CODE = 2
 HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-h", "-?")
+# Where this project's modules live, installed or not: their INFO messages are the job's log.
+_OWN_MODULES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package, "")
+                     for package in ("trainer", "launch"))
+
+
+class _OwnInfoOnly(python_logging.Filter):
+    """Passes warnings and errors from anywhere, and INFO from this project's modules, or all with --v=1."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return (record.levelno >= python_logging.WARNING or record.pathname.startswith(_OWN_MODULES)
+                or logging.get_verbosity() > logging.INFO)
+
+
+def show_only_own_info_logs() -> None:
+    """Keeps TensorFlow's, TFDS's and TensorBoard's INFO messages out of the log unless --v=1.
+
+    They log through absl like us (dataset readers, checkpoint shards, SavedModel renames, one line per
+    traced collective) and would bury the job's progress, so filtering by logger name is not enough.
+    """
+    if logging.get_verbosity() <= logging.INFO:
+        # These two also log through loggers and handlers of their own.
+        for name in ("tensorflow", "tensorboard"):
+            python_logging.getLogger(name).setLevel(python_logging.WARNING)
+    handler = logging.get_absl_handler()
+    if not any(isinstance(existing, _OwnInfoOnly) for existing in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
 
 
 def tool_flag_values() -> flags.FlagValues:
@@ -42,9 +70,7 @@ def parse_tool_flags(flag_values: flags.FlagValues, argv: list[str], usage: str)
 
 def run_tool(main: Callable[[list[str]], int | None], argv: list[str]) -> None:
     """Runs a tool's main; a UsageError becomes one line on stderr and exit 2, without a traceback."""
-    # TensorFlow's and TensorBoard's own INFO messages would bury the tool's.
-    for name in ("tensorflow", "tensorboard"):
-        python_logging.getLogger(name).setLevel(python_logging.WARNING)
+    show_only_own_info_logs()
     try:
         exit_code = main(argv)
     except UsageError as error:

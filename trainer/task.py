@@ -1,6 +1,5 @@
 """Entry point: `python -m trainer.task --model=resnet50 --strategy=mirrored ...`."""
 
-import logging as python_logging
 import sys
 
 from absl import app
@@ -8,6 +7,7 @@ from absl import flags
 from absl import logging
 
 from trainer import checkpoints
+from trainer import cli
 from trainer import config as config_lib
 from trainer import train
 from trainer.errors import TrainingError
@@ -24,8 +24,7 @@ USAGE_EXIT_CODE = 2
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
-    # TensorFlow's own INFO messages (one per traced collective, per checkpoint shard) bury ours.
-    python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+    cli.show_only_own_info_logs()
     train.run(config_lib.config_from_flags())
 
 
