@@ -111,6 +111,10 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
     With `with_index`, triples that also carry the example's int64 position in the split, which
     names it for per-example augmentation views and cached features.
     """
+    return _decoded(builder, split, with_index).cache()
+
+
+def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
@@ -119,12 +123,13 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
                             num_parallel_calls=AUTOTUNE, deterministic=True)
     if with_index:
         examples = examples.enumerate().map(lambda index, pair: (*pair, index))
-    return examples.cache()
+    return examples
 
 
 def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:
     """The first `count` images of a split (in its fixed order), as one uint8 array."""
-    images = decoded_examples(builder, split).take(count).map(lambda image, label: image).batch(count)
+    # Not through the cache: a cache read in part is discarded, with a warning in the job's log.
+    images = _decoded(builder, split).take(count).map(lambda image, label: image).batch(count)
     return next(iter(images)).numpy()
 
 
