@@ -150,10 +150,14 @@ def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_d
         assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-6)
 
 
-def test_a_run_stopped_mid_epoch_and_rerun_draws_the_same_dropout_and_augmentation(cifar_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", [dict(strategy="default"), dict(strategy="mirrored", cpu_devices=2)],
+                         ids=["default", "mirrored"])
+def test_a_run_stopped_mid_epoch_and_rerun_draws_the_same_dropout_and_augmentation(cifar_dir, tmp_path, monkeypatch,
+                                                                                    strategy):
     # Dropout (the cnn's 0.5) and on-device augmentation are on: the rerun matches the straight run only if it
-    # restores their random state, and resumes the data at the step it stopped, not at the epoch's start.
-    common = dict(epochs=2, steps_per_loop=4, checkpoint_steps=4, dropout=0.5, random_flip=True, brightness=0.2)
+    # restores their random state (per replica under mirrored), and resumes the data at the step it stopped.
+    common = dict(epochs=2, steps_per_loop=4, checkpoint_steps=4, dropout=0.5, random_flip=True, brightness=0.2,
+                  **strategy)
     straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
 
     save = checkpoints.CheckpointStore.save
