@@ -197,7 +197,8 @@ def merge_throughput(previous: dict, measured: dict, models: list[str]) -> dict:
             if row["model"] not in models]
     rows = kept + [{"measured": measured["measured"], **row} for row in measured["rows"]]
     skipped = {model: reason for model, reason in previous.get("skipped", {}).items() if model not in models}
-    return {**measured, "rows": sorted(rows, key=lambda row: list(MODELS).index(row["model"])),
+    order = {model: index for index, model in enumerate(MODELS)}  # Models no longer benchmarked go last.
+    return {**measured, "rows": sorted(rows, key=lambda row: order.get(row["model"], len(order))),
             "skipped": {**skipped, **measured["skipped"]}}
 
 

@@ -120,24 +120,24 @@ def upload_copy(model_dir: str) -> None:
 def prepare_model_dir(paths: RunPaths) -> list[str]:
     """Creates the run directories, or says in one line why they cannot be written.
 
-    Returns the directories it created, deepest first, so that a run failing before it writes
-    anything can leave model_dir as it found it (see `remove_if_empty`).
+    Returns the directories it created, so that a run failing before it writes anything can leave
+    model_dir as it found it (see `remove_if_empty`).
     """
     created = []
     try:
         for directory in (paths.model_dir, paths.checkpoint_dir, paths.log_dir):
-            created += _make_directories(directory)
+            _make_directories(directory, created)
         with tempfile.NamedTemporaryFile(dir=paths.model_dir, prefix=".write-check-"):
             pass
     except OSError as error:
         remove_if_empty(created)
         raise UsageError(f"--model_dir={paths.model_dir} is not writable ({error.strerror}); "
                          "give a directory you can write to.") from error
-    return sorted(created, key=len, reverse=True)
+    return created
 
 
-def _make_directories(directory: str) -> list[str]:
-    """Like os.makedirs, but returns the directories that did not exist before."""
+def _make_directories(directory: str, created: list[str]) -> None:
+    """Like os.makedirs, but adds each directory it creates to `created` as soon as it exists."""
     missing = []
     while directory and not os.path.isdir(directory):
         missing.append(directory)
@@ -145,12 +145,12 @@ def _make_directories(directory: str) -> list[str]:
         directory = parent if parent != directory else ""
     for path in reversed(missing):
         os.makedirs(path, exist_ok=True)
-    return missing
+        created.append(path)
 
 
 def remove_if_empty(directories: list[str]) -> None:
-    """Removes those of `directories` that are still empty; the others hold something and stay."""
-    for directory in directories:
+    """Removes those of `directories` that are still empty, deepest first; the others hold something and stay."""
+    for directory in sorted(directories, key=len, reverse=True):
         try:
             os.rmdir(directory)
         except OSError:
