@@ -120,8 +120,24 @@ def test_early_stopping_restores_the_best_weights(cifar_dir, tmp_path):
     assert len(history) < 6 and history[-1]["eval_accuracy"] <= history[best]["eval_accuracy"]
 
 
-class _StopAfterEpoch(Exception):
+class _Stopped(Exception):
     """Stands for a run that dies right after a checkpoint, in-process."""
+
+
+def run_stopped_then_rerun(monkeypatch, config, owner, method: str, stop_when) -> dict:
+    """Runs `config` until `owner.method` returns with `stop_when(*its arguments)` true, then reruns it."""
+    original = getattr(owner, method)
+
+    def call_then_maybe_stop(instance, *args):
+        original(instance, *args)
+        if stop_when(*args):
+            raise _Stopped()
+
+    monkeypatch.setattr(owner, method, call_then_maybe_stop)
+    with pytest.raises(_Stopped):
+        train.run(config)
+    monkeypatch.undo()
+    return train.run(config)
 
 
 def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_dir, tmp_path, monkeypatch):
@@ -131,18 +147,8 @@ def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_d
     straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
     assert straight["epochs_completed"] < 6, "early stopping should end this run early"
 
-    end_epoch = train._Loop._end_epoch
-
-    def end_epoch_then_stop(loop, phase, epoch, *args):
-        end_epoch(loop, phase, epoch, *args)
-        if epoch == 0:
-            raise _StopAfterEpoch()
-
-    monkeypatch.setattr(train._Loop, "_end_epoch", end_epoch_then_stop)
-    with pytest.raises(_StopAfterEpoch):
-        train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
-    monkeypatch.undo()
-    resumed = train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    resumed = run_stopped_then_rerun(monkeypatch, make_config(cifar_dir, tmp_path / "stopped", **common),
+                                     train._Loop, "_end_epoch", lambda phase, epoch, *rest: epoch == 0)
     for key in ("epochs_completed", "best_epoch", "weights_fingerprint"):
         assert resumed[key] == straight[key], key
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
@@ -160,18 +166,9 @@ def test_a_run_stopped_mid_epoch_and_rerun_draws_the_same_dropout_and_augmentati
                   **strategy)
     straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
 
-    save = checkpoints.CheckpointStore.save
-
-    def save_then_stop(store, step):
-        save(store, step)
-        if step == 8:  # Mid-way through epoch 1 (16 steps per epoch).
-            raise _StopAfterEpoch()
-
-    monkeypatch.setattr(checkpoints.CheckpointStore, "save", save_then_stop)
-    with pytest.raises(_StopAfterEpoch):
-        train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
-    monkeypatch.undo()
-    resumed = train.run(make_config(cifar_dir, tmp_path / "stopped", **common))
+    # Stopped right after the checkpoint at step 8, mid-way through epoch 1 (16 steps per epoch).
+    resumed = run_stopped_then_rerun(monkeypatch, make_config(cifar_dir, tmp_path / "stopped", **common),
+                                     checkpoints.CheckpointStore, "save", lambda step: step == 8)
     assert resumed["weights_fingerprint"] == straight["weights_fingerprint"]
     train_losses = [[entry["train_loss"] for entry in run["history"]] for run in (resumed, straight)]
     assert train_losses[0] == train_losses[1]

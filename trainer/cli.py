@@ -1,4 +1,4 @@
-"""Command-line plumbing of the results tools: private flag registries, --help, and one-line errors."""
+"""Command-line plumbing of the trainer and the tools: flag registries, --help, one-line errors, log filter."""
 
 import logging as python_logging
 import os
