@@ -14,11 +14,12 @@ import os
 import pathlib
 import subprocess
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from launch import cloud
+from trainer import cli
+from trainer.errors import UsageError
 
 flags.DEFINE_string("image", None, "Image repository without tag, e.g. us-central1-docker.pkg.dev/PROJECT/REPO/NAME.")
 flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "TensorFlow build in the image (Dockerfile ACCELERATOR).")
@@ -40,7 +41,7 @@ def git(context: pathlib.Path, *arguments: str) -> str:
     result = subprocess.run(["git", "-C", str(context), *arguments], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "git failed"
-        raise cloud.UsageError(f"--context={context} is not a git checkout with a commit ({reason}).")
+        raise UsageError(f"--context={context} is not a git checkout with a commit ({reason}).")
     return result.stdout.rstrip()  # Not strip(): `git status --porcelain` lines may start with a space.
 
 
@@ -50,7 +51,7 @@ def image_tag(context: pathlib.Path, accelerator: str, allow_dirty: bool) -> tup
     changes = git(context, "status", "--porcelain", "--untracked-files=normal")
     if changes and not allow_dirty:
         changed = ", ".join(line[3:] for line in changes.splitlines()[:5])
-        raise cloud.UsageError(f"the working tree has uncommitted changes ({changed}); commit them so the image "
+        raise UsageError(f"the working tree has uncommitted changes ({changed}); commit them so the image "
                                "matches its tag, or pass --allow_dirty for a <commit>-dirty tag.")
     dirty = "-dirty" if changes else ""
     if dirty:
@@ -112,4 +113,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(cloud.entry_point(main), flags_parser=cloud.parse_flags)
+    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

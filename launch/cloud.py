@@ -8,10 +8,8 @@ import shutil
 import subprocess
 import sys
 
-from absl import flags
-
-USAGE_EXIT_CODE = 2
-FAILURE_EXIT_CODE = 1
+from trainer.errors import Failure
+from trainer.errors import UsageError
 
 # Set by the launchers from their own flags; a trainer flag or --env entry may not override them.
 MANAGED_TRAINER_FLAGS = ("strategy", "tpu", "model_dir")
@@ -27,11 +25,7 @@ INSTALL_HINTS = {
 }
 
 
-class UsageError(Exception):
-    """A flag value the user can fix; the message names the flag and the rule."""
-
-
-class CommandError(Exception):
+class CommandError(Failure):
     """A command-line tool is missing, has no credentials, or failed."""
 
 
@@ -216,38 +210,3 @@ def print_dry_run(document, commands: list[Command]) -> None:
     print(document if isinstance(document, str) else json.dumps(document, indent=2))
     for command in commands:
         print(command.display(), file=sys.stderr)
-
-
-HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-?", "-h")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flags parser that reports a bad flag in one line and exits 2, and exits 0 after --help."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        hint = " (trainer flags go after --)" if "Unknown command line flag" in str(error) else ""
-        print(f"error: {error}{hint}", file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
-    except SystemExit as exit_request:
-        # absl exits 1 after printing help; asking for help is not a failure.
-        if exit_request.code == 1 and any(argument.split("=")[0] in HELP_FLAGS for argument in argv[1:]):
-            sys.exit(0)
-        raise
-
-
-def entry_point(main):
-    """Wraps a launcher's main so that errors end it with one `error:` line and an exit status, no traceback."""
-    def run_main(argv: list[str]) -> None:
-        try:
-            main(argv)
-        except UsageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(USAGE_EXIT_CODE)
-        except CommandError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(FAILURE_EXIT_CODE)
-        except KeyboardInterrupt:
-            print("error: interrupted.", file=sys.stderr)
-            sys.exit(130)
-    return run_main

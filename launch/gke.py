@@ -19,15 +19,12 @@ import datetime
 import json
 import re
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from launch import cloud
+from trainer import cli
 
-# Exit statuses of the trainer (trainer.task and trainer.checkpoints), repeated so the launcher needs no TensorFlow.
-PREEMPTED_EXIT_CODE = 42
-USAGE_EXIT_CODE = 2
 CONTAINER = "trainer"
 
 flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.")
@@ -135,10 +132,10 @@ def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> 
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             # The trainer caught SIGTERM and saved a checkpoint: the replacement pod resumes from it.
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [PREEMPTED_EXIT_CODE]}},
+                                                 "values": [cli.PREEMPTED_EXIT_CODE]}},
             # A bad flag fails the same way on every attempt.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [USAGE_EXIT_CODE]}},
+                                                  "values": [cli.USAGE_EXIT_CODE]}},
         ]},
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
@@ -253,4 +250,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(cloud.entry_point(main), flags_parser=cloud.parse_flags)
+    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

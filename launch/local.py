@@ -18,9 +18,11 @@ import sys
 import threading
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from trainer import cli
+from trainer.errors import UsageError
 
 flags.DEFINE_integer("workers", 2, "Number of worker processes.")
 flags.DEFINE_integer("restarts", 0, "Restart the whole cluster after a failure up to this many times.")
@@ -32,10 +34,6 @@ flags.DEFINE_float(
     "grace_seconds", 90.0,
     "After one worker fails, how long the others may take to stop on their own before they are killed.")
 FLAGS = flags.FLAGS
-
-# The trainer's exit status after a preemption checkpoint (trainer.checkpoints.PREEMPTED_EXIT_CODE),
-# repeated here so the launcher does not import TensorFlow.
-PREEMPTED_EXIT_CODE = 42
 
 
 def free_ports(count: int) -> list[int]:
@@ -141,22 +139,20 @@ def run(trainer_args: list[str], num_workers: int, restarts: int, grace_seconds:
             signal.signal(signal.SIGTERM, previous)
         if all(code == 0 for code in codes):
             return 0
-        if any(code == 2 for code in codes):
+        if any(code == cli.USAGE_EXIT_CODE for code in codes):
             logging.error("A worker rejected its flags; restarting would not help.")
-            return 2
+            return cli.USAGE_EXIT_CODE
     logging.error("The job failed after %d attempt(s).", restarts + 1)
-    return PREEMPTED_EXIT_CODE if any(code == PREEMPTED_EXIT_CODE for code in codes) else 1
+    return cli.PREEMPTED_EXIT_CODE if any(code == cli.PREEMPTED_EXIT_CODE for code in codes) else cli.FAILURE_EXIT_CODE
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if FLAGS.workers < 1:
-        print(f"error: --workers={FLAGS.workers} must be at least 1.", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"--workers={FLAGS.workers} must be at least 1.")
     if FLAGS.restarts < 0:
-        print(f"error: --restarts={FLAGS.restarts} must be zero or more.", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(run(argv[1:], FLAGS.workers, FLAGS.restarts, FLAGS.grace_seconds, FLAGS.cluster_env))
+        raise UsageError(f"--restarts={FLAGS.restarts} must be zero or more.")
+    return run(argv[1:], FLAGS.workers, FLAGS.restarts, FLAGS.grace_seconds, FLAGS.cluster_env)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main, FLAGS, __doc__)

@@ -19,11 +19,11 @@ import datetime
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from launch import cloud
+from trainer import cli
 
 TOPOLOGIES = {"one_gpu": "one_device", "multi_gpu": "mirrored", "multi_worker": "multi_worker_mirrored",
               "tpu": "tpu"}
@@ -197,4 +197,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(cloud.entry_point(main), flags_parser=cloud.parse_flags)
+    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import make_config
+from helpers import make_config, run_in_process
 from trainer import compare
 from trainer import progress
 from trainer import train
@@ -29,7 +29,7 @@ def two_runs(cifar_dir, tmp_path_factory):
 def run_compare(capsys, *argv: str) -> tuple[int, str, list[str]]:
     """The command line, in this process: (exit status, stdout, the stderr lines that report errors)."""
     with pytest.raises(SystemExit) as exit_info:
-        compare.run_main(compare.parse_flags(["trainer.compare", *argv]))
+        run_in_process(compare, *argv)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     return exit_info.value.code, captured.out, [line for line in captured.err.splitlines() if line.startswith("error:")]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, make_config
+from helpers import ROOT, make_config
 from trainer import distribution
 
 IMPLEMENTATION = tf.distribute.experimental.CommunicationImplementation

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import make_config
+from helpers import make_config, run_in_process
 from trainer import evaluate
 from trainer import train
 
@@ -23,7 +23,7 @@ def trained_run(cifar_dir, tmp_path_factory):
 def run_evaluate(capsys, *argv: str) -> tuple[int, str, str]:
     """The command line, in this process: (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.run_main(evaluate.parse_flags(["trainer.evaluate", *argv]))
+        run_in_process(evaluate, *argv)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
 

@@ -12,7 +12,7 @@ from google.api_core.exceptions import Forbidden
 import pytest
 import requests
 
-from conftest import bucket_files, make_config, run_task, single_error_line, start_task
+from helpers import bucket_files, make_config, run_task, single_error_line, start_task
 from trainer import gcs
 from trainer import storage
 from trainer import train

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from conftest import run_task
-from conftest import single_error_line
+from helpers import ROOT
+from helpers import run_task
+from helpers import single_error_line
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 

@@ -13,8 +13,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import ROOT
-from conftest import cifar10_data_dir
+from helpers import ROOT
+from helpers import cifar10_data_dir
 
 REQUIREMENTS = ROOT / "requirements"
 CONTAINER_SMOKE = ROOT.parent / "shared" / "tools" / "container-smoke"

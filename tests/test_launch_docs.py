@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 GUIDE_HEADING = "## Run on Google Cloud"
 

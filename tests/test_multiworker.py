@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import reliability
-from conftest import ROOT, make_config, read_metrics
+from helpers import ROOT, make_config, read_metrics
 from trainer import distribution
 from trainer import train
 from trainer.errors import UsageError

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import make_config, run_task
+from helpers import make_config, run_in_process, run_task
 from trainer import predict
 from trainer import train
 
@@ -43,7 +43,7 @@ GOOD = ["odd.png", "nested/deeper/big.jpg", "nested/grey.png", "nested/alpha.PNG
 def run_predict(capsys, *argv: str) -> tuple[int, str, list[str]]:
     """The command line, in this process: (exit status, stdout, the stderr lines that report errors)."""
     with pytest.raises(SystemExit) as exit_info:
-        predict.run_main(predict.parse_flags(["trainer.predict", *argv]))
+        run_in_process(predict, *argv)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     return exit_info.value.code, captured.out, [line for line in captured.err.splitlines() if line.startswith("error:")]

@@ -10,14 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 
-from conftest import read_metrics, run_task, single_error_line
-from trainer import config as config_lib
+import helpers
+from helpers import read_metrics, run_task, single_error_line
 from trainer import task
-
-FLAGS = flags.FLAGS
-
 
 def online() -> bool:
     try:
@@ -29,13 +25,7 @@ def online() -> bool:
 
 def fails_in_process(capsys, *argv: str) -> str:
     """Runs the entry point in this process; returns its one stderr line after checking the contract."""
-    FLAGS.unparse_flags()
-    with pytest.raises(SystemExit) as exit_info:
-        task.run_main(config_lib.parse_flags(["trainer.task", *argv]))
-    FLAGS.unparse_flags()
-    stderr = capsys.readouterr().err
-    result = subprocess.CompletedProcess([], exit_info.value.code, "", stderr)
-    return single_error_line(result)
+    return helpers.fails_in_process(capsys, task, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import make_config, read_metrics
+from helpers import make_config, read_metrics
 from trainer import train
 
 

@@ -15,6 +15,11 @@ class AugmentConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) parameter; 0 is off.
     cutmix: float = 0.0
 
+    @classmethod
+    def from_config(cls, config) -> "AugmentConfig":
+        """The augmentation a run configuration asks for: its options of the same names."""
+        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+
     @property
     def enabled(self) -> bool:
         return self.random_flip or self.brightness > 0 or self.translate > 0

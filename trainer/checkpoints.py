@@ -1,5 +1,7 @@
 """Checkpoints that follow the multi-worker rules, and saving them when a worker is preempted."""
 
+import json
+import math
 import os
 import signal
 import threading
@@ -8,22 +10,35 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.python.distribute.failure_handling import failure_handling_util
 
+from trainer.errors import Preempted
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
-# Exit status after a preemption checkpoint: the job is unfinished and should be restarted.
-PREEMPTED_EXIT_CODE = 42
 # Checkpoint entries that checkpoints written by earlier versions of the trainer lack; such a
 # checkpoint still resumes, without them.
 ADDED_LATER = ("random_states",)
 
 
-class Preempted(Exception):
-    """The cluster saved a checkpoint because a worker is being terminated; rerun to resume."""
+class TrainingState(tf.Module):
+    """Progress that must survive a restart; saved in every checkpoint."""
 
-    def __init__(self, step: int):
-        super().__init__(f"Preempted: checkpoint saved at step {step}; rerun the same command to resume from it.")
-        self.step = step
+    def __init__(self):
+        super().__init__(name="training_state")
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.best_value = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
+        self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.epochs_without_improvement = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history_json = tf.Variable("[]", dtype=tf.string, trainable=False)
+
+    @property
+    def history(self) -> list[dict]:
+        return json.loads(self.history_json.numpy().decode())
+
+    def append_history(self, entry: dict) -> None:
+        self.history_json.assign(json.dumps(self.history + [entry]))
 
 
 class CheckpointStore:

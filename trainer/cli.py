@@ -1,17 +1,28 @@
-"""Command-line plumbing of the trainer and the tools: flag registries, --help, one-line errors, log filter."""
+"""Entry-point plumbing of the trainer, the tools and the launchers: exit statuses, flag parsing, one-line errors.
+
+It imports no TensorFlow, so the launchers can use it on a machine without it.
+"""
 
 import logging as python_logging
 import os
 import sys
 from typing import Callable
 
+from absl import app
 from absl import flags
 from absl import logging
 
+from trainer.errors import Failure
+from trainer.errors import Preempted
 from trainer.errors import UsageError
 
-USAGE_EXIT_CODE = 2
-HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-h", "-?")
+# Exit statuses, so that scripts and cluster restart policies can tell the outcomes apart.
+FAILURE_EXIT_CODE = 1  # The work failed (a NaN loss, a lost worker, a failed cloud command).
+USAGE_EXIT_CODE = 2  # The user's input is wrong; rerunning the same command cannot help.
+PREEMPTED_EXIT_CODE = 42  # A preemption checkpoint was saved; rerun the same command to resume.
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as shells report it.
+
+HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-h", "-?")
 # Where this project's modules live, installed or not: their INFO messages are the job's log.
 _OWN_MODULES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package, "")
                      for package in ("trainer", "launch"))
@@ -40,11 +51,11 @@ def show_only_own_info_logs() -> None:
         handler.addFilter(_OwnInfoOnly())
 
 
-def tool_flag_values() -> flags.FlagValues:
-    """A private flag registry for one tool, holding absl's logging flags.
+def flag_registry() -> flags.FlagValues:
+    """A flag registry for one entry point, holding absl's logging flags (--v, --logtostderr, ...).
 
-    The trainer's flags are global (trainer.config defines them on import, and trainer.storage imports
-    it), so a tool defining --model_dir there would clash, and would quietly accept --epochs.
+    Each entry point defines its flags in a registry of its own, so that importing a module never defines
+    flags and entry points imported into one process (as tests do) cannot clash over --model_dir.
     """
     flag_values = flags.FlagValues()
     for flag in flags.FLAGS.get_flags_for_module("absl.logging"):
@@ -52,28 +63,50 @@ def tool_flag_values() -> flags.FlagValues:
     return flag_values
 
 
-def parse_tool_flags(flag_values: flags.FlagValues, argv: list[str], usage: str) -> list[str]:
-    """Parses a tool's flags: a bad flag is one line on stderr and exit 2; --help prints usage and exits 0."""
+def parse_flags(flag_values: flags.FlagValues, argv: list[str], usage: str, unknown_flag_hint: str = "") -> list[str]:
+    """Parses an entry point's flags: a bad flag is one line on stderr and exit 2; --help prints usage, exits 0."""
     if any(argument.split("=")[0] in HELP_FLAGS for argument in argv[1:]):
-        print(f"{usage.strip()}\n\n{flag_values.get_help()}")
+        # The global registry also holds every library's flags; its main module's are the ones to show.
+        help_text = flag_values.main_module_help() if flag_values is flags.FLAGS else flag_values.get_help()
+        print(f"{usage.strip()}\n\n{help_text}")
         sys.exit(0)
     flag_values.unparse_flags()  # Parsing twice in one process (as tests do) starts from the defaults.
     try:
         remaining = flag_values(argv)
     except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
+        hint = unknown_flag_hint if "Unknown command line flag" in str(error) else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
-    # absl.app insists that the global registry is parsed; its flags keep their defaults.
-    flags.FLAGS.mark_as_parsed()
+    if flag_values is not flags.FLAGS:
+        # absl.app insists that the global registry is parsed; its flags keep their defaults.
+        flags.FLAGS.mark_as_parsed()
     return remaining
 
 
-def run_tool(main: Callable[[list[str]], int | None], argv: list[str]) -> None:
-    """Runs a tool's main; a UsageError becomes one line on stderr and exit 2, without a traceback."""
+def run(main: Callable[[list[str]], int | None], argv: list[str]) -> None:
+    """Runs an entry point's main and exits with its status; each known error is one `error:` line, no traceback."""
     show_only_own_info_logs()
     try:
         exit_code = main(argv)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
+        _exit_with_error(error, USAGE_EXIT_CODE)
+    except Failure as error:
+        _exit_with_error(error, FAILURE_EXIT_CODE)
+    except Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        _exit_with_error("interrupted.", INTERRUPTED_EXIT_CODE)
     sys.exit(exit_code or 0)
+
+
+def _exit_with_error(error, exit_code: int) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def start(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues, usage: str,
+          unknown_flag_hint: str = "") -> None:
+    """What an entry point's `if __name__ == "__main__":` does: parse its flags, then `run` its main."""
+    app.run(lambda argv: run(main, argv),
+            flags_parser=lambda argv: parse_flags(flag_values, argv, usage, unknown_flag_hint))

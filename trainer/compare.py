@@ -4,7 +4,6 @@ import dataclasses
 import os
 import posixpath
 
-from absl import app
 from absl import flags
 from absl import logging
 from tensorboard.backend.event_processing import event_accumulator
@@ -31,7 +30,7 @@ LOCATION_FLAGS = ("model_dir", "data_dir")
 EPOCH_TAGS = {"train_accuracy": ("train", "accuracy"), "train_loss": ("train", "epoch_loss"),
               "eval_accuracy": ("eval", "accuracy"), "eval_loss": ("eval", "loss")}
 
-FLAGS = cli.tool_flag_values()
+FLAGS = cli.flag_registry()
 flags.DEFINE_string("output", None, "Directory to write the report (README.md and PNG charts) into.",
                     flag_values=FLAGS)
 
@@ -236,13 +235,5 @@ def main(argv: list[str]) -> None:
     logging.info("Wrote the report to %s.", os.path.join(FLAGS.output, REPORT_FILE))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    return cli.parse_tool_flags(FLAGS, argv, USAGE)
-
-
-def run_main(argv: list[str]) -> None:
-    cli.run_tool(main, argv)
-
-
 if __name__ == "__main__":
-    app.run(run_main, flags_parser=parse_flags)
+    cli.start(main, FLAGS, USAGE)

@@ -1,4 +1,4 @@
-"""Errors the entry points turn into one line on stderr instead of a traceback."""
+"""Errors the entry points turn into one line on stderr and an exit status (trainer.cli) instead of a traceback."""
 
 import re
 
@@ -7,8 +7,20 @@ class UsageError(Exception):
     """A bad flag value or environment that the user can fix; the message says how."""
 
 
-class TrainingError(Exception):
+class Failure(Exception):
+    """The work failed for a reason the message gives (not the user's input): exit status 1."""
+
+
+class TrainingError(Failure):
     """Training cannot go on (for example a NaN loss); the message names the step."""
+
+
+class Preempted(Exception):
+    """The cluster saved a checkpoint because a worker is being terminated; rerun to resume."""
+
+    def __init__(self, step: int):
+        super().__init__(f"Preempted: checkpoint saved at step {step}; rerun the same command to resume from it.")
+        self.step = step
 
 
 class ClusterError(TrainingError):

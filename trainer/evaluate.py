@@ -2,7 +2,6 @@
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -178,7 +177,7 @@ def _cell(value: float | None, size: int) -> str:
     return f"{'-' if value is None else f'{value:.3f}':>{size}}"
 
 
-FLAGS = cli.tool_flag_values()
+FLAGS = cli.flag_registry()
 flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task (its --model_dir).",
                     flag_values=FLAGS)
 flags.DEFINE_string("split", None, "TFDS split to evaluate, e.g. test or 'test[:1000]'. Default: the run's "
@@ -204,13 +203,5 @@ def main(argv: list[str]) -> None:
     print(format_results(results))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    return cli.parse_tool_flags(FLAGS, argv, USAGE)
-
-
-def run_main(argv: list[str]) -> None:
-    cli.run_tool(main, argv)
-
-
 if __name__ == "__main__":
-    app.run(run_main, flags_parser=parse_flags)
+    cli.start(main, FLAGS, USAGE)

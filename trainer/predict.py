@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
@@ -30,7 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # A transparent pixel shows its background; training images had none, so assume the usual white page.
 BACKGROUND = (255, 255, 255)
 
-FLAGS = cli.tool_flag_values()
+FLAGS = cli.flag_registry()
 flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task (its --model_dir).",
                     flag_values=FLAGS)
 flags.DEFINE_integer("top_k", 3, "How many of the most probable classes to show per image.", flag_values=FLAGS)
@@ -169,13 +168,5 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    return cli.parse_tool_flags(FLAGS, argv, USAGE)
-
-
-def run_main(argv: list[str]) -> None:
-    cli.run_tool(main, argv)
-
-
 if __name__ == "__main__":
-    app.run(run_main, flags_parser=parse_flags)
+    cli.start(main, FLAGS, USAGE)

@@ -5,23 +5,14 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import TYPE_CHECKING
 
 from absl import logging
 
+from trainer import config as config_lib
+from trainer import distribution
 from trainer import gcs
 from trainer.errors import UsageError
 
-if TYPE_CHECKING:  # Importing trainer.config defines the trainer's flags; the results tools must not.
-    from trainer.config import Config
-
-# Flags that may change between a run and its resumption: they move or speed up the same
-# computation. Any other difference would silently change what the checkpoint is resumed into.
-RESUMABLE_CHANGES = frozenset({
-    "strategy", "tpu", "devices", "cpu_devices", "jit_compile", "profile_steps", "communication", "collective_timeout",
-    "heartbeat_timeout", "steps_per_loop", "checkpoint_steps",
-    "data_dir", "model_dir", "epochs", "fine_tune_epochs", "early_stopping_patience", "eval_split",
-})
 CONFIG_FILE = "config.json"
 
 
@@ -87,10 +78,6 @@ def open_run(model_dir: str, task_id: int, task_type: str | None = None) -> tupl
 
 def cluster_task_type() -> str:
     """This process's task type in its cluster; a process outside any cluster is its own chief."""
-    # Imported here: trainer.distribution defines the trainer's flags (through trainer.config), which the results
-    # tools, which import this module too, must not.
-    from trainer import distribution
-
     cluster = distribution.cluster_environment()
     return cluster["task"]["type"] if cluster else "chief"
 
@@ -157,7 +144,7 @@ def remove_if_empty(directories: list[str]) -> None:
             pass
 
 
-def check_resume(paths: RunPaths, config: "Config") -> bool:
+def check_resume(paths: RunPaths, config: config_lib.Config) -> bool:
     """Whether the run resumes a checkpoint; refuses to resume one under different flags.
 
     config.json is written only once the run has started, so a run that failed before its
@@ -175,11 +162,11 @@ def has_checkpoint(paths: RunPaths) -> bool:
     return os.path.exists(os.path.join(paths.checkpoint_dir, "checkpoint"))
 
 
-def check_resumable(previous: dict, config: "Config", model_dir: str) -> None:
+def check_resumable(previous: dict, config: config_lib.Config, model_dir: str) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the file.
     # A flag missing from the file did not exist when the run started, so there is nothing to compare it with.
     changed = [f"--{name}={previous.get(name)!r} before, {value!r} now" for name, value in current.items()
-               if name not in RESUMABLE_CHANGES and name in previous and previous[name] != value]
+               if name not in config_lib.RESUMABLE_OPTIONS and name in previous and previous[name] != value]
     if changed:
         raise UsageError(f"--model_dir={model_dir} holds a run started with other flags ({'; '.join(changed)}); "
                          "rerun with the same flags to resume it, or give a new --model_dir.")
