@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribution  # noqa: E402
 from trainer import train  # noqa: E402
-from trainer.steps import Trainer  # noqa: E402
+from trainer.steps import Steps  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 
@@ -103,7 +103,7 @@ def benchmark_pipeline() -> dict:
             "how": f"5 epochs of cached uint8 batches of {BATCH_SIZE} after a decoding epoch, read in Python"}
 
 
-def make_trainer(model: str, precision: str = "float32", augment: bool = True, **overrides) -> Trainer:
+def make_steps(model: str, precision: str = "float32", augment: bool = True, **overrides) -> Steps:
     values = dict(model=model, data_dir=FLAGS.data_dir, precision=precision, batch_size=BATCH_SIZE, epochs=100,
                   random_flip=augment, brightness=0.2 if augment else 0.0, model_dir="/tmp/unused")
     values.update(MODELS[model])
@@ -111,31 +111,28 @@ def make_trainer(model: str, precision: str = "float32", augment: bool = True, *
     config = config_lib.build_config(**values)
     strategy = distribution.create_strategy(config)
     precision = distribution.resolve_precision(config, strategy)
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        return train.build_trainer(config, strategy, precision)
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    with distribution.dtype_policy(precision):
+        return train.build_steps(config, strategy, precision)
 
 
-def synthetic_iterator(trainer: Trainer):
+def synthetic_iterator(steps: Steps):
     """The same batch over and over, already in memory: the input pipeline costs nothing."""
     def batches(context):
-        per_replica = context.get_per_replica_batch_size(trainer.config.batch_size)
+        per_replica = context.get_per_replica_batch_size(steps.config.batch_size)
         random = np.random.default_rng(0)
-        images = random.integers(0, 256, (per_replica, *trainer.info.image_shape), dtype=np.uint8)
-        labels = random.integers(0, trainer.info.num_classes, (per_replica,), dtype=np.int32)
+        images = random.integers(0, 256, (per_replica, *steps.info.image_shape), dtype=np.uint8)
+        labels = random.integers(0, steps.info.num_classes, (per_replica,), dtype=np.int32)
         return tf.data.Dataset.from_tensors((images, labels, np.arange(per_replica, dtype=np.int64))).repeat()
-    return iter(trainer.strategy.distribute_datasets_from_function(batches))
+    return iter(steps.strategy.distribute_datasets_from_function(batches))
 
 
-def loop_runner(trainer: Trainer, iterator, steps_per_loop: int = 50):
+def loop_runner(steps: Steps, iterator, steps_per_loop: int = 50):
     """Runs whole steps_per_loop calls; returns images trained."""
     def run(steps):
         calls = max(1, round(steps / steps_per_loop))
         for _ in range(calls):
-            trainer.train_steps(trainer.phases[0], iterator, steps_per_loop)
-        return calls * steps_per_loop * trainer.config.batch_size
+            steps.train(steps.phases[0], iterator, steps_per_loop)
+        return calls * steps_per_loop * steps.config.batch_size
     return run
 
 
@@ -176,11 +173,11 @@ def benchmark_throughput() -> dict:
                 if jit and model in XLA_SKIPPED:
                     logging.info("throughput: %s with XLA skipped: %s", model, XLA_SKIPPED[model])
                     continue
-                trainer = make_trainer(model, precision, jit_compile=jit)
+                steps = make_steps(model, precision, jit_compile=jit)
                 steps = LOOP_STEPS[model][precision != "float32"]
                 medians = timed_rounds(
-                    {"real": loop_runner(trainer, trainer.training_iterator(trainer.phases[0]), steps),
-                     "synthetic": loop_runner(trainer, synthetic_iterator(trainer), steps)},
+                    {"real": loop_runner(steps, steps.training_iterator(steps.phases[0]), steps),
+                     "synthetic": loop_runner(steps, synthetic_iterator(steps), steps)},
                     rounds=5, warmup_steps=steps)
                 rows.append({"model": model, "precision": precision, "jit_compile": jit, "steps_per_loop": steps,
                              "batch_size": BATCH_SIZE, **medians, "ratio": medians["real"] / medians["synthetic"]})
@@ -206,11 +203,11 @@ def benchmark_sweep() -> dict:
     """cnn images/s (the job's default precision, no XLA) against steps_per_loop and batch size."""
     rows = []
     for batch_size, steps_per_loop in ((128, 1), (128, 10), (128, 50), (128, 200), (64, 50), (256, 50), (512, 50)):
-        trainer = make_trainer("cnn", "auto", batch_size=batch_size)
-        iterator = trainer.training_iterator(trainer.phases[0])
-        medians = timed_rounds({"real": loop_runner(trainer, iterator, steps_per_loop)}, rounds=3,
+        steps = make_steps("cnn", "auto", batch_size=batch_size)
+        iterator = steps.training_iterator(steps.phases[0])
+        medians = timed_rounds({"real": loop_runner(steps, iterator, steps_per_loop)}, rounds=3,
                                warmup_steps=steps_per_loop)
-        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop, "precision": trainer.precision,
+        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop, "precision": steps.precision,
                      "images_per_second": medians["real"]})
         logging.info("sweep %s", rows[-1])
     return {"rows": rows}
@@ -221,15 +218,15 @@ def benchmark_fit() -> dict:
     augmentation), same process."""
     rows = []
     for model in MODELS:
-        trainer = make_trainer(model, "auto", augment=False)
-        reference = make_trainer(model, "auto", augment=False).model
+        steps = make_steps(model, "auto", augment=False)
+        reference = make_steps(model, "auto", augment=False).model
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         batches = training_batches(50000).map(lambda images, labels: (tf.cast(images, tf.float32), labels))
         steps = LOOP_STEPS[model][0]
-        medians = timed_rounds({"ours": loop_runner(trainer, trainer.training_iterator(trainer.phases[0]), steps),
+        medians = timed_rounds({"ours": loop_runner(steps, steps.training_iterator(steps.phases[0]), steps),
                                 "fit": fit_runner(reference, batches)}, warmup_steps=steps)
-        rows.append({"model": model, "precision": trainer.precision, "batch_size": BATCH_SIZE, **medians,
+        rows.append({"model": model, "precision": steps.precision, "batch_size": BATCH_SIZE, **medians,
                      "ratio": medians["ours"] / medians["fit"]})
         logging.info("fit %s", rows[-1])
     return {"rows": rows}

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from conftest import make_config
+from helpers import make_config
 from trainer import airbench
 from trainer import data
+from trainer import distribution
 from trainer import train
 
 
@@ -59,14 +60,10 @@ def test_network_builds_for_colour_and_greyscale_images():
 
 
 def test_logits_are_float32_under_mixed_bfloat16():
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    try:
+    with distribution.dtype_policy("mixed_bfloat16"):
         model = build().model
         logits = model(np.zeros((2, 32, 32, 3), np.float32), training=True)
         assert model.get_layer("block2_conv1").compute_dtype == "bfloat16"
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
     assert logits.dtype == "float32"
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_config
+from helpers import make_config
 from trainer import augment
 from trainer import train
-from trainer.errors import UsageError
+from steps.errors import UsageError
 
 COMMON = dict(model="resnet50", weights="none", image_size=32, batch_size=32, train_split="train[:128]",
               eval_split="test[:32]", epochs=2, augment_views=2, random_flip=True, translate=2, brightness=0.1,
@@ -16,11 +16,11 @@ COMMON = dict(model="resnet50", weights="none", image_size=32, batch_size=32, tr
 
 def head_after_two_epochs(cifar_dir, model_dir, **overrides):
     config = make_config(cifar_dir, model_dir, **{**COMMON, **overrides})
-    trainer = train.build_trainer(config, tf.distribute.get_strategy(), "float32")
-    phase = trainer.phases[0]
-    start = [weight.numpy().copy() for weight in trainer.network.head.weights]
-    trainer.train_steps(phase, trainer.training_iterator(phase), 2 * trainer.steps_per_epoch)
-    return start, [weight.numpy() for weight in trainer.network.head.weights]
+    steps = train.build_steps(config, tf.distribute.get_strategy(), "float32")
+    phase = steps.phases[0]
+    start = [weight.numpy().copy() for weight in steps.network.head.weights]
+    steps.train(phase, steps.training_iterator(phase), 2 * steps.steps_per_epoch)
+    return start, [weight.numpy() for weight in steps.network.head.weights]
 
 
 def test_cached_features_train_the_same_head_as_pixels_through_the_frozen_backbone(cifar_dir, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_config
+from helpers import make_config
 from trainer import config as config_lib
 from trainer import models
 from trainer import optimization
@@ -120,12 +120,12 @@ def test_lookahead_trains_the_same_under_mirrored_and_changes_the_result(cifar_d
 def test_ema_and_tta_change_what_evaluation_sees(cifar_dir, tmp_path):
     config = make_config(cifar_dir, tmp_path, steps_per_epoch=6, ema_decay=0.99, tta=True)
     strategy = tf.distribute.get_strategy()
-    trainer = train.build_trainer(config, strategy, "float32")
-    phase = trainer.phases[0]
-    trainer.train_steps(phase, trainer.training_iterator(phase), 6)
-    with_average = trainer.evaluate()
-    trainer.average = None  # Evaluate the raw weights instead.
-    raw = trainer.evaluate()
+    steps = train.build_steps(config, strategy, "float32")
+    phase = steps.phases[0]
+    steps.train(phase, steps.training_iterator(phase), 6)
+    with_average = steps.evaluate()
+    steps.average = None  # Evaluate the raw weights instead.
+    raw = steps.evaluate()
     assert with_average["eval_loss"] != pytest.approx(raw["eval_loss"], rel=1e-4)
 
 
@@ -185,17 +185,16 @@ def test_every_recipe_trains_a_few_steps(cifar_dir, tmp_path, recipe):
 def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(cifar_dir, tmp_path):
     config = make_config(cifar_dir, tmp_path, recipe="finetune", weights="none", image_size=32, batch_size=16,
                          epochs=1, fine_tune_epochs=1, train_split="train[:64]", eval_split="test[:16]")
-    trainer = train.build_trainer(config, tf.distribute.get_strategy(), "float32")
-    head, everything = trainer.phases
+    steps = train.build_steps(config, tf.distribute.get_strategy(), "float32")
+    head, everything = steps.phases
     assert (head.name, everything.name) == ("train", "fine_tune")
     assert len(head.variables) == 4 and len(everything.variables) > 100
     everything.set_trainable()
-    backbone = trainer.network.backbone
+    backbone = steps.network.backbone
     statistics = [layer.moving_mean for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
     first_kernel = backbone.get_layer("conv1_conv").kernel
     before = first_kernel.numpy().copy()
-    trainer.state.epoch.assign(1)  # Start of the fine-tuning phase.
-    trainer.train_steps(everything, trainer.training_iterator(everything), 2)
+    steps.train(everything, steps.training_iterator(everything), 2)
     assert not np.allclose(first_kernel.numpy(), before)  # The whole backbone trains...
     # ...but a fresh backbone's zero means would have moved under training-mode BatchNorm.
     assert statistics and all(np.all(mean.numpy() == 0) for mean in statistics)

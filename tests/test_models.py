@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import distribution
+from trainer import layers
 from trainer import models
 from trainer.errors import UsageError
 
@@ -33,13 +35,13 @@ def test_cnn_sees_pixels_scaled_to_unit_range():
 
 def test_resnet50_preprocessing_matches_keras_caffe_preprocess_input():
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    layer = models.ImagePreprocessing(32, "caffe")
+    layer = layers.ImagePreprocessing(32, "caffe")
     expected = keras.applications.resnet50.preprocess_input(images.copy())
     np.testing.assert_allclose(layer(images).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_preprocessing_resizes_on_the_device_and_makes_greyscale_rgb():
-    layer = models.ImagePreprocessing(64, "caffe", channels=3)
+    layer = layers.ImagePreprocessing(64, "caffe", channels=3)
     assert layer(np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 64, 64, 3)
 
 
@@ -102,11 +104,8 @@ def test_cnn_reloads_its_own_weights_file(tmp_path):
 
 
 def test_mixed_bfloat16_computes_in_bfloat16_but_returns_float32_logits():
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    try:
+    with distribution.dtype_policy("mixed_bfloat16"):
         model = build("cnn").model
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
     convolution = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert convolution.compute_dtype == "bfloat16" and convolution.kernel.dtype == "float32"
     assert model.get_layer(index=1).compute_dtype == "float32"

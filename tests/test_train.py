@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, make_config, read_metrics, run_task
+from helpers import ROOT, make_config, read_metrics, run_task
 from trainer import checkpoints
 from trainer import train
 from trainer.errors import TrainingError
@@ -148,7 +148,7 @@ def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_d
     assert straight["epochs_completed"] < 6, "early stopping should end this run early"
 
     resumed = run_stopped_then_rerun(monkeypatch, make_config(cifar_dir, tmp_path / "stopped", **common),
-                                     train._Loop, "_end_epoch", lambda phase, epoch, *rest: epoch == 0)
+                                     train.Trainer, "end_epoch", lambda phase, epoch, *rest: epoch == 0)
     for key in ("epochs_completed", "best_epoch", "weights_fingerprint"):
         assert resumed[key] == straight[key], key
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)

@@ -4,6 +4,9 @@ import keras
 from keras import layers
 import numpy as np
 
+from trainer import layers as layers_lib
+from trainer import network as network_lib
+
 # airbench94's network; its blocks run at 31, 15 and 7 pixels for 32x32 inputs.
 BLOCK_WIDTHS = (64, 256, 256)
 PATCH_SIZE = 2
@@ -159,15 +162,12 @@ def _block(x, width: int, index: int):
 def build_airbench(image_shape, num_classes, image_size, dropout, weights):
     """airbench94: patch whitening -> 3 conv blocks (64, 256, 256) -> global max-pool -> linear / 9.
 
-    Returns a models.Network; without a weights file, its `fit_to_data` fits the whitening layer to the
+    Returns a network.Network; without a weights file, its `fit_to_data` fits the whitening layer to the
     training images before a new run.
     """
-    # Imported here, not at the top: trainer.models imports this module to register the builder.
-    from trainer import models
-
     del dropout  # airbench has none: flip + translate augmentation and label smoothing regularise it.
     inputs = keras.Input(shape=image_shape, name="pixels")
-    preprocessing = models.ImagePreprocessing(image_size or image_shape[0], "unit", channels=image_shape[-1])
+    preprocessing = layers_lib.ImagePreprocessing(image_size or image_shape[0], "unit", channels=image_shape[-1])
     whitening = PatchWhitening(name="whitening")
     x = layers.Activation("gelu", name="whitening_gelu")(whitening(preprocessing(inputs)))
     for index, width in enumerate(BLOCK_WIDTHS, start=1):
@@ -179,10 +179,10 @@ def build_airbench(image_shape, num_classes, image_size, dropout, weights):
     logits = layers.Rescaling(LOGIT_SCALE, dtype="float32", name="logits")(head)
     model = keras.Model(inputs, logits, name="airbench")
     if weights != "none":
-        models._load_model_weights(model, weights)
-        return models.Network(model)
+        network_lib.load_model_weights(model, weights)
+        return network_lib.Network(model)
 
     def fit_to_data(images: np.ndarray) -> None:
         whitening.fit(keras.ops.convert_to_numpy(preprocessing(images.astype("float32"))))
 
-    return models.Network(model, fit_to_data=fit_to_data)
+    return network_lib.Network(model, fit_to_data=fit_to_data)

@@ -184,6 +184,40 @@ def evaluation_batches(examples: tf.data.Dataset, *, num_examples: int, input_co
             .prefetch(AUTOTUNE).with_options(_options()))
 
 
+class Inputs:
+    """A run's input pipelines: its training batches from any (epoch, step), its evaluation batches, its samples."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, info: DatasetInfo, *, train_split: str, eval_split: str,
+                 global_batch_size: int, steps_per_epoch: int, seed: int):
+        self.builder, self.info = builder, info
+        self.train_split, self.eval_split = train_split, eval_split
+        self.global_batch_size, self.steps_per_epoch, self.seed = global_batch_size, steps_per_epoch, seed
+
+    @property
+    def num_train_examples(self) -> int:
+        return self.info.num_train_examples
+
+    def indexed_training_examples(self) -> tf.data.Dataset:
+        """(image, label, index) for every training example, in the split's fixed order."""
+        return decoded_examples(self.builder, self.train_split, with_index=True)
+
+    def training(self, input_context: tf.distribute.InputContext, start_epoch: int, end_epoch: int,
+                 start_step: int) -> tf.data.Dataset:
+        return training_batches(
+            self.indexed_training_examples(), num_examples=self.info.num_train_examples, input_context=input_context,
+            global_batch_size=self.global_batch_size, steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch,
+            end_epoch=end_epoch, start_step=start_step, seed=self.seed)
+
+    def evaluation(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return evaluation_batches(
+            decoded_examples(self.builder, self.eval_split), num_examples=self.info.num_eval_examples,
+            input_context=input_context, global_batch_size=self.global_batch_size, image_shape=self.info.image_shape)
+
+    def training_sample(self, count: int) -> np.ndarray:
+        """The training split's first `count` images (uint8)."""
+        return sample_images(self.builder, self.train_split, count)
+
+
 def evaluation_steps(num_examples: int, global_batch_size: int) -> int:
     return -(-num_examples // global_batch_size)
 

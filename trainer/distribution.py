@@ -1,9 +1,11 @@
 """Choosing and building the tf.distribute strategy and the mixed-precision policy for the hardware."""
 
+import contextlib
 import json
 import os
 
 from absl import logging
+import keras
 import tensorflow as tf
 
 from trainer.config import Config
@@ -219,6 +221,17 @@ def resolve_precision(config: Config, strategy: tf.distribute.Strategy) -> str:
     # oneDNN runs bfloat16 natively on CPUs with AVX512_BF16 or AMX, where it trained every model here faster
     # at the same accuracy; elsewhere it emulates bfloat16 around float32 and is several times slower.
     return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Builds the models inside it under the Keras dtype policy `precision`; the previous policy comes back after."""
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
 
 
 def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -13,6 +13,48 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from trainer import storage  # noqa: E402
 
 
+class Throughput:
+    """Training images per second over a session, leaving out each compiled loop's first call, which includes
+    tracing and XLA compilation, unless the session made no other call (then the rate with tracing is all there is).
+    """
+
+    def __init__(self):
+        self.timed_images, self.timed_seconds = 0, 0.0
+        self.all_images, self.all_seconds = 0, 0.0
+
+    def add(self, images: int, seconds: float, includes_tracing: bool) -> None:
+        self.all_images, self.all_seconds = self.all_images + images, self.all_seconds + seconds
+        if not includes_tracing:
+            self.timed_images, self.timed_seconds = self.timed_images + images, self.timed_seconds + seconds
+
+    @property
+    def images_per_second(self) -> float | None:
+        if self.timed_seconds:
+            return self.timed_images / self.timed_seconds
+        return self.all_images / self.all_seconds if self.all_seconds else None
+
+
+def run_metrics(config, steps, state, final: dict, *, fingerprint: str, throughput: Throughput,
+                session_seconds: float) -> dict:
+    """metrics.json's record of a finished run (a steps.Steps and its checkpoints.TrainingState)."""
+    history = state.history
+    return {
+        "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
+        "eval_split": config.eval_split, "epochs_completed": len(history),
+        "best_epoch": int(state.best_epoch.numpy()) if config.early_stopping_patience else len(history),
+        "train_images_per_second": throughput.images_per_second,
+        "train_seconds": float(state.train_seconds.numpy()), "session_seconds": session_seconds,
+        "history": history, "class_names": list(steps.info.class_names), "dataset": steps.info.name,
+        "num_parameters": int(steps.model.count_params()), "precision": steps.precision,
+        "strategy": type(steps.strategy).__name__, "num_replicas": steps.num_replicas,
+        "flags": config.to_dict(), "weights_fingerprint": fingerprint,
+        "phases": [{"name": phase.name, "epochs": [phase.first_epoch + 1, phase.end_epoch],
+                    "trainable_variables": len(phase.variables),
+                    "trainable_parameters": int(sum(np.prod(variable.shape) for variable in phase.variables))}
+                   for phase in steps.phases],
+    }
+
+
 def write_metrics(path: str, metrics: dict) -> None:
     storage.write_json(path, metrics)
 

@@ -1,16 +1,15 @@
 """Finished runs as the results tools read them: the run directory (local or gs://), its flags, its model."""
 
-import contextlib
 import dataclasses
 import logging as python_logging
 import os
 from typing import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer import data
+from trainer import distribution
 from trainer import gcs
 from trainer import models
 from trainer import optimization
@@ -78,7 +77,7 @@ def _checkpoint_classifier(run_dir: str, data_dir: str | None) -> Classifier:
                          "--model_dir of a run of trainer.task.")
     builder = data.load_builder(config["dataset"], data_dir or config["data_dir"])
     info = data.dataset_info(builder, config["train_split"], config["eval_split"])
-    with _dtype_policy(_run_precision(run_dir, config)):
+    with distribution.dtype_policy(_run_precision(run_dir, config)):
         network = models.build(config["model"], image_shape=info.image_shape, num_classes=info.num_classes,
                                image_size=config["image_size"], dropout=config["dropout"], weights="none")
     model = network.model
@@ -113,13 +112,3 @@ def _run_precision(run_dir: str, config: dict) -> str:
     metrics = storage.read_json(os.path.join(run_dir, "metrics.json")) or {}
     precision = metrics.get("precision") or config.get("precision", "float32")
     return "float32" if precision == "auto" else precision
-
-
-@contextlib.contextmanager
-def _dtype_policy(policy: str):
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)

@@ -1,13 +1,11 @@
-"""Model, optimizers and metrics of a run, and its compiled, distributed training and evaluation steps."""
+"""A run's model, optimizers and metrics under one strategy, and its compiled, distributed training and evaluation
+steps."""
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
-import json
-import math
-import time
 
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -15,39 +13,18 @@ import tensorflow as tf
 from trainer import augment
 from trainer import data
 from trainer import distribution
+from trainer import feature_cache
 from trainer import models
+from trainer import network as network_lib
 from trainer import optimization
-from trainer import progress
 from trainer.config import Config
 from trainer.errors import TrainingError
 from trainer.errors import UsageError
 
 
-class TrainingState(tf.Module):
-    """Progress that must survive a restart; saved in every checkpoint."""
-
-    def __init__(self):
-        super().__init__(name="training_state")
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.best_value = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
-        self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
-        self.epochs_without_improvement = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.history_json = tf.Variable("[]", dtype=tf.string, trainable=False)
-
-    @property
-    def history(self) -> list[dict]:
-        return json.loads(self.history_json.numpy().decode())
-
-    def append_history(self, entry: dict) -> None:
-        self.history_json.assign(json.dumps(self.history + [entry]))
-
-
 @dataclasses.dataclass
 class Phase:
-    """A stretch of epochs with its own trainable variables, optimizer and compiled step."""
+    """A stretch of epochs with its own trainable variables and optimizer."""
 
     name: str
     first_epoch: int
@@ -55,28 +32,22 @@ class Phase:
     variables: list
     optimizer: keras.optimizers.Optimizer
     set_trainable: callable
-    # Trains the head on features computed once (see Trainer._feature_table) instead of on pixels.
+    # Trains the head on features computed once (trainer.feature_cache) instead of on pixels.
     cached: bool = False
-    train_loop: callable = None
 
 
-class Trainer:
-    """Owns the model, optimizers, metrics and compiled functions of one run under one strategy."""
+class Steps:
+    """Owns the model, optimizers, metrics and compiled step loops of one run under one strategy."""
 
-    def __init__(self, config: Config, strategy: tf.distribute.Strategy, network: models.Network,
-                 info: data.DatasetInfo, builder, precision: str):
-        self.config, self.strategy, self.network, self.info = config, strategy, network, info
-        self.model = network.model
-        self.precision = precision
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, network: network_lib.Network,
+                 inputs: data.Inputs, precision: str):
+        self.config, self.strategy, self.network, self.inputs = config, strategy, network, inputs
+        self.info, self.model, self.precision = inputs.info, network.model, precision
         self.num_replicas = strategy.num_replicas_in_sync
-        self.steps_per_epoch = data.training_steps_per_epoch(
-            info.num_train_examples, config.batch_size, config.steps_per_epoch)
-        self.eval_steps = data.evaluation_steps(info.num_eval_examples, config.batch_size)
-        self.augment_config = augment.AugmentConfig(config.random_flip, config.alternating_flip, config.brightness,
-                                                    config.translate, config.mixup, config.cutmix)
+        self.steps_per_epoch = inputs.steps_per_epoch
+        self.eval_steps = data.evaluation_steps(self.info.num_eval_examples, config.batch_size)
+        self.augment_config = augment.AugmentConfig.from_config(config)
         self.jit_compile = distribution.resolve_jit_compile(config.jit_compile, strategy)
-        self._train_examples = builder, config.train_split
-        self._eval_examples = builder, config.eval_split
         self.train_loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.label_smoothing, reduction=None)
         self.eval_loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
@@ -87,21 +58,17 @@ class Trainer:
             self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy("eval_accuracy")
             # Counts of (true, predicted) pairs; each replica counts its own examples, reads sum them.
             self.eval_confusion = tf.Variable(
-                tf.zeros([info.num_classes] * 2), trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.SUM)
+                tf.zeros([self.info.num_classes] * 2), trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM)
             self.phases = self._build_phases()
-            # The best epoch's weights live in variables saved with every checkpoint, so every
-            # worker can restore them without reading another worker's files.
-            self.best_weights = [tf.Variable(weight.value, trainable=False) for weight in self.model.weights]
             self.average = (optimization.WeightAverage(self.model.weights, config.ema_decay)
                             if config.ema_decay else None)
             self.lookahead = (optimization.Lookahead(self.model.weights, config.lookahead_steps, config.lookahead_decay)
                               if config.lookahead_steps else None)
-        self.state = TrainingState()
-        self._eval_dataset = strategy.distribute_datasets_from_function(self._evaluation_batches)
-        self._eval_loops = {}
+        self._eval_dataset = strategy.distribute_datasets_from_function(inputs.evaluation)
+        self._train_loops, self._eval_loops = {}, {}
 
-    # Phases and optimizers.
+    # Phases and weights.
 
     def _build_phases(self) -> list[Phase]:
         config, phases = self.config, []
@@ -134,11 +101,18 @@ class Trainer:
     def phase_of(self, epoch: int) -> Phase:
         return next(phase for phase in self.phases if phase.first_epoch <= epoch < phase.end_epoch)
 
+    def end_phase(self, phase: Phase) -> None:
+        """After a phase's last step: Lookahead ends the phase on its slow weights."""
+        del phase  # Every phase ends the same way; the argument says which one the caller ended.
+        if self.lookahead is not None:
+            self.lookahead.finish(self.strategy)
+
     def checkpoint_objects(self) -> dict:
+        """What a checkpoint must hold of these steps (the training loop adds its own state)."""
         metric_variables = [variable for metric in (self.train_loss, self.train_accuracy)
                             for variable in metric.variables]
         objects = {"model": self.model, "optimizers": [phase.optimizer for phase in self.phases],
-                   "state": self.state, "train_metrics": metric_variables, "best_weights": self.best_weights}
+                   "train_metrics": metric_variables}
         # The model's checkpoint holds its weights only. Its random layers' seed states (Dropout's)
         # must come back too, or a resumed run draws other dropout masks than the run it continues.
         weight_ids = {id(weight) for weight in self.model.weights}
@@ -163,6 +137,13 @@ class Trainer:
         finally:
             self.average.swap_out()
 
+    def set_weights(self, values: list) -> None:
+        """Puts `values` into the model's weights (and restarts the average from them, so evaluation sees them)."""
+        for value, weight in zip(values, self.model.weights):
+            weight.assign(value)
+        if self.average is not None:
+            self.average.reset_to_current()
+
     def weights_fingerprint(self) -> str:
         """A hash of every model weight: equal on all workers when they hold identical models."""
         digest = hashlib.sha256()
@@ -170,42 +151,14 @@ class Trainer:
             digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight.value)).tobytes())
         return digest.hexdigest()[:16]
 
-    def remember_best_weights(self) -> None:
-        with self.evaluation_weights():
-            for best, weight in zip(self.best_weights, self.model.weights):
-                best.assign(weight.value)
+    # Training.
 
-    def restore_best_weights(self) -> None:
-        """Puts the best evaluation weights into the model (and the average, so evaluation sees them)."""
-        for best, weight in zip(self.best_weights, self.model.weights):
-            weight.assign(best)
-        if self.average is not None:
-            self.average.reset_to_current()
-
-    # Input.
-
-    def _training_batches(self, input_context, start_epoch, end_epoch, start_step):
-        builder, split = self._train_examples
-        return data.training_batches(
-            data.decoded_examples(builder, split, with_index=True), num_examples=self.info.num_train_examples,
-            input_context=input_context, global_batch_size=self.config.batch_size,
-            steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch,
-            start_step=start_step, seed=self.config.seed)
-
-    def _evaluation_batches(self, input_context):
-        builder, split = self._eval_examples
-        return data.evaluation_batches(
-            data.decoded_examples(builder, split), num_examples=self.info.num_eval_examples,
-            input_context=input_context, global_batch_size=self.config.batch_size,
-            image_shape=self.info.image_shape)
-
-    def training_iterator(self, phase: Phase):
-        start_epoch, start_step = int(self.state.epoch.numpy()), int(self.state.step_in_epoch.numpy())
+    def training_iterator(self, phase: Phase, start_epoch: int | None = None, start_step: int = 0):
+        """Distributed training batches from (start_epoch, start_step), by default the phase's start, to its end."""
+        start_epoch = phase.first_epoch if start_epoch is None else start_epoch
         dataset = self.strategy.distribute_datasets_from_function(
-            lambda context: self._training_batches(context, start_epoch, phase.end_epoch, start_step))
+            lambda context: self.inputs.training(context, start_epoch, phase.end_epoch, start_step))
         return iter(dataset)
-
-    # Compiled steps.
 
     def _augmented(self, images, labels, indices, step):
         """The batch as the step's on-device augmentation (and mixing) shows it: (images, soft targets)."""
@@ -227,70 +180,37 @@ class Trainer:
         images, targets = self._augmented(images, labels, indices, step)
         return self.model(images, training=True), targets
 
-    def _cached_forward(self, table: tf.Variable):
-        """The head on the cached features of the view each example uses this epoch."""
+    def train_step(self, phase: Phase, forward, images, labels, indices, step) -> tf.Tensor:
+        """One replica's training step: forward pass, loss, gradients, update, metrics. Returns its share of the
+        global batch's mean loss (the replicas' shares sum to it)."""
+        optimizer, variables = phase.optimizer, phase.variables
+        with tf.GradientTape() as tape:
+            logits, targets = forward(images, labels, indices, step)
+            per_example_loss = self.train_loss_fn(targets, logits)
+            loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=self.config.batch_size)
+            scaled_loss = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        if self.config.clip_grad_norm:
+            gradients = optimization.clip_by_global_norm(gradients, self.config.clip_grad_norm, optimizer)
+        optimizer.apply_gradients(zip(gradients, variables))
+        self.train_loss.update_state(per_example_loss)
+        # With mixed targets, accuracy counts the label that dominates the mix.
+        self.train_accuracy.update_state(tf.argmax(targets, axis=-1), logits)
+        return loss
+
+    def _phase_forward(self, phase: Phase):
+        if not phase.cached:
+            return self._forward
         views = max(self.config.augment_views, 1)
-
-        def forward(images, labels, indices, step):
-            del images
-            chosen = augment.chosen_views(indices, step, self.steps_per_epoch, views, self.config.seed)
-            features = tf.gather_nd(table, tf.stack([indices, chosen], axis=-1))
-            return self.network.head(features, training=True), tf.one_hot(labels, self.info.num_classes)
-
-        return forward
-
-    def _feature_table(self) -> tf.Variable:
-        """The frozen feature extractor's output for every training example and augmentation view."""
-        config, views = self.config, max(self.config.augment_views, 1)
-        builder, split = self._train_examples
-        count = self.info.num_train_examples
-        dimension = self.network.features.output.shape[-1]
-        table = np.zeros((count, views, dimension), np.float32)
-
-        @tf.function
-        def extract(images, indices, view):
-            images = tf.cast(images, tf.float32)
-            if self.augment_config.enabled:
-                uniforms = augment.view_uniforms(indices, tf.fill(tf.shape(indices), view), config.seed)
-                images = augment.transform(images, uniforms, self.augment_config)
-            return tf.cast(self.network.features(images, training=False), tf.float32)
-
-        began, done = time.monotonic(), 0
-        for view in range(views):
-            batches = data.decoded_examples(builder, split, with_index=True).batch(256).prefetch(data.AUTOTUNE)
-            for images, _, indices in batches:
-                table[indices.numpy(), view] = extract(images, indices, tf.constant(view, tf.int64)).numpy()
-                done += len(indices)
-                rate = done / (time.monotonic() - began)
-                logging.log_every_n_seconds(logging.INFO, "Caching backbone features: %d/%d (%.0f img/s, ETA %s)",
-                                            30, done, count * views, rate,
-                                            progress.format_duration((count * views - done) / rate))
-        logging.info("Cached %d views of %d examples' features in %.1fs.", views, count, time.monotonic() - began)
-        with self.strategy.scope():
-            return tf.Variable(table, trainable=False)
+        table = feature_cache.feature_table(self.network, self.inputs, views, self.config.seed, self.augment_config,
+                                            self.strategy)
+        return feature_cache.cached_forward(self.network, table, views=views, steps_per_epoch=self.steps_per_epoch,
+                                            seed=self.config.seed, num_classes=self.info.num_classes)
 
     def _make_train_loop(self, phase: Phase):
-        optimizer, variables = phase.optimizer, phase.variables
-        batch_size, clip_norm, average, lookahead = (self.config.batch_size, self.config.clip_grad_norm,
-                                                     self.average, self.lookahead)
+        average, lookahead, optimizer = self.average, self.lookahead, phase.optimizer
         phase_steps = (phase.end_epoch - phase.first_epoch) * self.steps_per_epoch
-        forward = self._cached_forward(self._feature_table()) if phase.cached else self._forward
-
-        def replica_step(images, labels, indices, step):
-            with tf.GradientTape() as tape:
-                logits, targets = forward(images, labels, indices, step)
-                per_example_loss = self.train_loss_fn(targets, logits)
-                loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=batch_size)
-                scaled_loss = optimizer.scale_loss(loss)
-            gradients = tape.gradient(scaled_loss, variables)
-            if clip_norm:
-                gradients = optimization.clip_by_global_norm(gradients, clip_norm, optimizer)
-            optimizer.apply_gradients(zip(gradients, variables))
-            self.train_loss.update_state(per_example_loss)
-            # With mixed targets, accuracy counts the label that dominates the mix.
-            self.train_accuracy.update_state(tf.argmax(targets, axis=-1), logits)
-            return loss
-
+        replica_step = functools.partial(self.train_step, phase, self._phase_forward(phase))
         # Without XLA the step is traced inline into the loop; with it, it is its own compiled cluster.
         compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
 
@@ -309,6 +229,44 @@ class Trainer:
             return losses.stack()
 
         return train_loop
+
+    def compiled(self, phase: Phase) -> bool:
+        """Whether `phase`'s loop has run before, so a call to it costs no tracing or compilation."""
+        return phase.name in self._train_loops
+
+    def train(self, phase: Phase, iterator, num_steps: int, first_step: int = 0) -> np.ndarray:
+        """Runs `num_steps` steps from global step `first_step`; returns their losses. A non-finite loss stops
+        training and names the step."""
+        if phase.name not in self._train_loops:
+            self._train_loops[phase.name] = self._make_train_loop(phase)
+        losses = self._train_loops[phase.name](iterator, tf.constant(num_steps),
+                                               tf.constant(first_step, tf.int64)).numpy()
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            step = first_step + int(bad[0]) + 1
+            raise TrainingError(
+                f"The loss became {losses[bad[0]]} at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}); "
+                "training stopped and the last good checkpoint was kept. Try a lower --learning_rate or "
+                "--precision=float32.")
+        return losses
+
+    def reset_train_metrics(self) -> None:
+        for metric in (self.train_loss, self.train_accuracy):
+            metric.reset_state()
+
+    def train_metrics(self) -> dict:
+        """The training loss and accuracy since the last reset (the epoch so far)."""
+        return {"train_loss": float(self.train_loss.result()), "train_accuracy": float(self.train_accuracy.result())}
+
+    def augmented_sample(self, count: int = 16) -> np.ndarray:
+        """The split's first images as step 0's augmentation shows them to the network (uint8)."""
+        images = self.inputs.training_sample(count)
+        count = len(images)
+        labels = tf.range(count, dtype=tf.int32) % self.info.num_classes  # Only mixing reads them.
+        images, _ = self._augmented(images, labels, tf.range(count, dtype=tf.int64), tf.constant(0, tf.int64))
+        return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8).numpy()
+
+    # Evaluation.
 
     def _make_eval_loop(self, tta_translate: int):
         model, tta = self.model, self.config.tta
@@ -351,29 +309,6 @@ class Trainer:
     def confusion_matrix(self) -> np.ndarray:
         """Counts of (true class, predicted class) from the last evaluation."""
         return np.rint(self.eval_confusion.numpy()).astype(np.int64)
-
-    def augmented_sample(self, count: int = 16) -> np.ndarray:
-        """The split's first images as step 0's augmentation shows them to the network (uint8)."""
-        builder, split = self._train_examples
-        images = data.sample_images(builder, split, count)
-        count = len(images)
-        labels = tf.range(count, dtype=tf.int32) % self.info.num_classes  # Only mixing reads them.
-        images, _ = self._augmented(images, labels, tf.range(count, dtype=tf.int64), tf.constant(0, tf.int64))
-        return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8).numpy()
-
-    def train_steps(self, phase: Phase, iterator, num_steps: int) -> np.ndarray:
-        """Runs `num_steps` steps; a non-finite loss stops training and names the step."""
-        if phase.train_loop is None:
-            phase.train_loop = self._make_train_loop(phase)
-        first_step = int(self.state.global_step.numpy())
-        losses = phase.train_loop(iterator, tf.constant(num_steps), tf.constant(first_step, tf.int64)).numpy()
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if bad.size:
-            raise TrainingError(
-                f"The loss became {losses[bad[0]]} at step {first_step + int(bad[0]) + 1} "
-                f"(epoch {int(self.state.epoch.numpy()) + 1}); training stopped and the last good checkpoint "
-                "was kept. Try a lower --learning_rate or --precision=float32.")
-        return losses
 
 
 def check_batch_size(batch_size: int, num_replicas: int) -> None:
