@@ -1,4 +1,46 @@
-"""Distributed image-classifier training job: Keras 3 models, tf.distribute, TFDS."""
+"""Distributed image-classifier training job: Keras 3 models, tf.distribute, TFDS.
+
+Code map, in the order a run meets it, from `python -m trainer.task` to the exported model:
+
+  task.py            the entry point: flags -> Config -> train.run
+  cli.py             every entry point's plumbing: exit statuses, flag parsing, --help, one-line errors
+  config.py          every option, declared once: its flag, its check, its README row; build_config
+  recipes.py         named groups of option values (--recipe)
+  distribution.py    the tf.distribute strategy, devices, cluster environment, precision, XLA
+  storage.py         the run directory: layout, safe writes, resume checks
+  gcs.py             gs:// run directories, mirrored from a local working copy
+  data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
+  models.py          the networks by name (cnn, resnet50) and test-time augmentation
+  airbench.py        airbench94's patch-whitened network
+  layers.py          layers the networks share: in-model preprocessing, inference-mode sub-models
+  network.py         what a model builder returns (Network) and weight-file loading
+  augment.py         on-device augmentation and mixing, with stateless seeds
+  optimization.py    optimizers, schedules, clipping, weight averaging, Lookahead
+  steps.py           Steps: model, optimizers, metrics, train_step and the compiled loops of one run
+  feature_cache.py   a frozen backbone's features computed once (--cache_features)
+  early_stopping.py  the best epoch, its weights, and when a phase stops
+  checkpoints.py     TrainingState, checkpoints under multi-worker rules, preemption
+  train.py           run(): builds the Steps; Trainer: phases, epochs, checkpoints, the run's outputs
+  progress.py        console progress with images/s and ETA
+  summaries.py       TensorBoard events: scalars, images, flags, hparams, profiles
+  export.py          the SavedModel: raw uint8 images or encoded image bytes in, probabilities out
+  reports.py         metrics.json and the charts
+  errors.py          the errors the entry points turn into one line
+
+Afterwards, the results tools and the prediction server:
+
+  runs.py            finished runs as the tools read them (local or gs://)
+  evaluate.py        python -m trainer.evaluate: a run's per-class metrics and confusion matrix
+  predict.py         python -m trainer.predict: classify image files
+  compare.py         python -m trainer.compare: runs side by side
+  serve.py           python -m trainer.serve: the web page and prediction API
+  server.py          the server's web application (FastAPI): page, predict, health, metrics routes
+  served_model.py    the model the server serves and what the page shows about it
+  prediction_requests.py  TF Serving / Vertex AI request bodies, checked and decoded
+  graph_images.py    image decoding inside the graph, as predict.py does it
+  batching.py        dynamic batching of concurrent requests
+  serving_metrics.py the server's Prometheus metrics
+"""
 
 import os
 
