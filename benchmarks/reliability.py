@@ -39,7 +39,7 @@ JOB_FLAGS = ("interruptions", "epochs", "train_split", "eval_split", "checkpoint
 
 
 def define_flags() -> None:
-    """Defined only when run as a script: the tests import this module beside the trainer's flags."""
+    """Defined only when run as a script, so that importing the module (as its tests do) defines no flags."""
     flags.DEFINE_integer("interruptions", 5, "Interruptions per interrupted scenario.")
     flags.DEFINE_integer("epochs", 4, "Epochs of the job.")
     flags.DEFINE_string("train_split", "train", "Training split (a slice such as train[:2000] for a quick check).")

@@ -44,6 +44,8 @@ flags.DEFINE_list("models", ["cnn", "airbench", "resnet50"],
                   "Models for the throughput section; rows of other models already in the results file are kept.")
 flags.DEFINE_list("fast_runs", None, "Runs of the fast section (default: all of them); the others already in the "
                   "results file are kept.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory holding CIFAR-10. Default: $TFDS_DATA_DIR, else the "
+                    "prepared copy in ../shared/tensorflow_datasets beside the repo.")
 flags.DEFINE_bool("update_readme", False, "Rewrite the README's results section from the results file.")
 FLAGS = flags.FLAGS
 
@@ -283,7 +285,6 @@ def main(argv):
     if set(FLAGS.models) - set(MODELS):
         raise app.UsageError(f"--models: unknown {sorted(set(FLAGS.models) - set(MODELS))}; choose from "
                              f"{', '.join(MODELS)}.")
-    # --data_dir is the trainer's own flag; here it defaults to the prepared copy beside the repo.
     FLAGS.data_dir = FLAGS.data_dir or os.environ.get("TFDS_DATA_DIR") or str(
         ROOT.parent / "shared" / "tensorflow_datasets")
     output = pathlib.Path(FLAGS.output)
