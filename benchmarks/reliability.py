@@ -28,8 +28,10 @@ import sys
 import threading
 import time
 
-from absl import app
 from absl import flags
+
+from trainer import cli
+from trainer.errors import UsageError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -252,17 +254,12 @@ def update_readme(table: str) -> None:
     readme.write_text(text[:start] + "\n" + table + text[end:])
 
 
-def usage_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
     del argv
     if not 0 <= FLAGS.min_delay <= FLAGS.max_delay:
-        usage_error(f"--min_delay={FLAGS.min_delay} must be between 0 and --max_delay={FLAGS.max_delay}.")
+        raise UsageError(f"--min_delay={FLAGS.min_delay} must be between 0 and --max_delay={FLAGS.max_delay}.")
     if FLAGS.interruptions < 1:
-        usage_error(f"--interruptions={FLAGS.interruptions} must be at least 1.")
+        raise UsageError(f"--interruptions={FLAGS.interruptions} must be at least 1.")
     rng = random.Random(FLAGS.seed)
     results = {"date": time.strftime("%Y-%m-%d"), "commit": commit(),
                "flags": {name: getattr(FLAGS, name) for name in JOB_FLAGS}}
@@ -290,4 +287,4 @@ def report_scenario(name: str, results: dict) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.start(main, flags.FLAGS, __doc__)
