@@ -2,6 +2,7 @@
 #
 #   docker build --build-arg ACCELERATOR=gpu -t IMAGE .   (or python -m launch.build: README.md, "Run on Google Cloud")
 #   docker run IMAGE --model=cnn --epochs=1
+#   docker run -p 8080:8080 --entrypoint python IMAGE -m trainer.serve --host=0.0.0.0 --model_dir=gs://...   (serving)
 #
 # Every Python package comes from requirements/ACCELERATOR.txt, pinned with hashes, so a rebuild installs the
 # same bytes. The base is a build argument because the image is also built on other bases (tests build it on a
@@ -32,13 +33,14 @@ RUN case "${ACCELERATOR}" in \
     && rm -rf /tmp/requirements
 
 # --no-deps: the lock already holds every dependency, and the cpu and tpu images carry TensorFlow under
-# another distribution name (tensorflow-cpu, tensorflow-tpu) than setup.py's `tensorflow`. The import proves the
-# lock complete; TPU_SKIP_MDS_QUERY stops libtpu from asking a TPU VM's metadata server, which a build has not.
+# another distribution name (tensorflow-cpu, tensorflow-tpu) than setup.py's `tensorflow`. The imports prove the
+# lock complete for training and serving; TPU_SKIP_MDS_QUERY stops libtpu from asking a TPU VM's metadata server,
+# which a build has not.
 COPY setup.py /tmp/src/setup.py
 COPY trainer/ /tmp/src/trainer/
 RUN pip install --no-deps --no-build-isolation /tmp/src \
     && rm -rf /tmp/src \
-    && TPU_SKIP_MDS_QUERY=1 python -c "import trainer.task" \
+    && TPU_SKIP_MDS_QUERY=1 python -c "import trainer.task, trainer.serve" \
     && useradd --create-home --uid 1000 --user-group trainer
 
 # A numeric user, so Kubernetes can check runAsNonRoot.

