@@ -13,16 +13,21 @@ preempted pod (exit status 42 after it saved a checkpoint, or evicted by Kuberne
 and a usage error (exit status 2) fails the Job at once. Outputs go to --output_dir/JOB_NAME, in the layout of a
 Vertex AI job (model/, checkpoints/, logs/); the pods need write access to the bucket (Workload Identity through
 --service_account). With --dry_run the manifests are printed, so `... --dry_run | kubectl apply -f -` works too.
+
+`python -m launch.gke serve ...` serves a finished run instead (Deployment, Service, autoscaler): see
+launch/gke_serve.py.
 """
 
 import datetime
 import json
 import re
+import sys
 
 from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import gke_serve
 from trainer import cli
 
 CONTAINER = "trainer"
@@ -250,4 +255,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
+    if gke_serve.requested(sys.argv):
+        gke_serve.start()
+    else:
+        cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

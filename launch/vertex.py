@@ -13,16 +13,20 @@ Everything lands under --output_dir/JOB_NAME (the job's baseOutputDirectory): Ve
 AIP_MODEL_DIR=.../model, AIP_CHECKPOINT_DIR=.../checkpoints and AIP_TENSORBOARD_LOG_DIR=.../logs. When a machine is
 restarted (maintenance, a Spot VM's preemption), the whole job restarts (scheduling.restartJobOnWorkerRestart) and
 the trainer resumes from its latest checkpoint. Flags after `--` go to the trainer unchanged.
+
+`python -m launch.vertex deploy ...` deploys a finished run to an endpoint instead: see launch/vertex_deploy.py.
 """
 
 import datetime
 import json
 import os
+import sys
 
 from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import vertex_deploy
 from trainer import cli
 
 TOPOLOGIES = {"one_gpu": "one_device", "multi_gpu": "mirrored", "multi_worker": "multi_worker_mirrored",
@@ -197,4 +201,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
+    if vertex_deploy.requested(sys.argv):
+        vertex_deploy.start()
+    else:
+        cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
