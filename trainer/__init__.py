@@ -7,6 +7,7 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   config.py          every option, declared once: its flag, its check, its README row; build_config
   recipes.py         named groups of option values (--recipe)
   distribution.py    the tf.distribute strategy, devices, cluster environment, precision, XLA
+  accelerators.py    --accelerator: no silent CPU fallback, the one-line diagnosis, the start-up device log
   storage.py         the run directory: layout, safe writes, resume checks
   gcs.py             gs:// run directories, mirrored from a local working copy
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
@@ -23,6 +24,8 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   train.py           run(): builds the Steps; Trainer: phases, epochs, checkpoints, the run's outputs
   progress.py        console progress with images/s and ETA
   summaries.py       TensorBoard events: scalars, images, flags, hparams, profiles
+  log_upload.py      live TensorBoard: a gs:// run's events sent every --log_upload_seconds
+  hypertune.py       the eval metric each epoch, as Vertex AI hyperparameter tuning reads it
   export.py          the SavedModel: raw uint8 images or encoded image bytes in, probabilities out
   reports.py         metrics.json and the charts
   errors.py          the errors the entry points turn into one line
@@ -48,3 +51,13 @@ import os
 # AVX2 CPUs measured here they train the cnn 1.3x faster (benchmarks/run.py), and TensorFlow
 # reads this only at import, so set it before anything imports TensorFlow. Export 0 to opt out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+# tensorflow-tpu loads the TPU runtime from $TPU_LIBRARY_PATH when TensorFlow is imported, else libtpu.so from the
+# linker's search path, where pip's libtpu package never is. The images set the variable; this covers a TPU VM with
+# libtpu pip-installed. find_spec looks the package up without importing it.
+if not os.environ.get("TPU_LIBRARY_PATH"):
+    import importlib.util
+
+    _libtpu = importlib.util.find_spec("libtpu")
+    if _libtpu is not None and _libtpu.submodule_search_locations:
+        os.environ["TPU_LIBRARY_PATH"] = os.path.join(_libtpu.submodule_search_locations[0], "libtpu.so")

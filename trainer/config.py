@@ -13,6 +13,7 @@ from trainer import recipes
 from trainer.errors import UsageError
 
 MODELS = ("cnn", "resnet50", "airbench")
+ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 COMMUNICATIONS = ("auto", "ring", "nccl")
@@ -76,6 +77,12 @@ class Config:
     eval_split: str = option("test", "TFDS split evaluated after every epoch and at the end.", group="Data",
                              resumable=True)
 
+    accelerator: str | None = option(
+        None, "What the run must train on. gpu and tpu stop the run at start-up, in one line naming the likely cause, "
+        "when TensorFlow sees no such device, instead of training on the CPU; tpu also means --tpu=local unless --tpu "
+        "or $TPU_NAME names one. cpu hides any GPU. auto takes what there is and warns when that is the CPU.",
+        group="Hardware", choices=ACCELERATORS, resumable=True,
+        default_text="$TRAINER_ACCELERATOR (each image sets it to the accelerator it was built for), else auto")
     strategy: str = option(
         "auto", "tf.distribute strategy. auto: TPU if one is configured (--tpu or $TPU_NAME), multi-worker when the "
         "environment describes a cluster, mirrored on several GPUs, one_device on one GPU, default on CPU.",
@@ -204,6 +211,10 @@ class Config:
     checkpoint_steps: int = option(
         0, "Also checkpoint every this many steps (rounded up to a whole loop); 0 checkpoints once per epoch.",
         group="Loop and outputs", rule=ZERO_OR_MORE, resumable=True)
+    log_upload_seconds: int = option(
+        60, "For a gs:// run: send new TensorBoard events to the bucket at least this often, between checkpoints "
+        "as well, so TensorBoard (and Vertex AI TensorBoard) shows a long epoch while it runs.",
+        group="Loop and outputs", rule=POSITIVE_INTEGER, resumable=True)
     profile_steps: tuple[int, int] | None = option(
         None, "Two global steps A,B: capture a TensorFlow profiler trace from step A to step B into the TensorBoard "
         "logs (view it with the tensorboard-plugin-profile package).", group="Loop and outputs", resumable=True,
@@ -280,6 +291,13 @@ def build_config(**values) -> Config:
     merged["devices"] = tuple(merged["devices"] or ())
     merged["profile_steps"] = _profile_steps(merged["profile_steps"])
     merged["tpu"] = merged["tpu"] or os.environ.get("TPU_NAME") or None
+    if not merged["accelerator"]:
+        merged["accelerator"] = os.environ.get("TRAINER_ACCELERATOR") or "auto"
+        if merged["accelerator"] not in ACCELERATORS:
+            raise UsageError(f"$TRAINER_ACCELERATOR={merged['accelerator']} is unknown; use one of "
+                             f"{', '.join(ACCELERATORS)}, or give --accelerator.")
+    if merged["accelerator"] == "tpu" and merged["tpu"] is None:
+        merged["tpu"] = "local"  # The TPU a TPU VM or a GKE TPU pod has attached.
     if merged["weights"] is None:
         merged["weights"] = "imagenet" if merged["model"] == "resnet50" else "none"
     if merged["image_size"] is None:

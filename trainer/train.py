@@ -9,11 +9,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import accelerators
 from trainer import checkpoints
 from trainer import data
 from trainer import distribution
 from trainer import early_stopping
 from trainer import export
+from trainer import hypertune
+from trainer import log_upload
 from trainer import models
 from trainer import optimization
 from trainer import progress
@@ -34,7 +37,7 @@ def run(config: Config) -> dict:
     """Trains, evaluates and exports as `config` says, resuming from model_dir; returns the metrics."""
     started = time.monotonic()
     distribution.configure_host_devices(config.cpu_devices)
-    strategy = distribution.create_strategy(config)
+    strategy = accelerators.create_strategy(config)
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     chief = distribution.is_chief(strategy)
     paths, mirror = storage.open_run(config.model_dir, distribution.task_id(strategy))
@@ -56,6 +59,7 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
     chief = distribution.is_chief(strategy)
     resuming = storage.check_resume(paths, config)
     precision = distribution.resolve_precision(config, strategy)
+    accelerators.log_devices(strategy, precision, distribution.resolve_jit_compile(config.jit_compile, strategy))
     try:
         with distribution.dtype_policy(precision):
             steps = build_steps(config, strategy, precision, fresh=not resuming)
@@ -63,7 +67,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
                 storage.write_json(paths.config_file, config.to_dict())
             # Only the chief uploads; it does so after every checkpoint and at the end.
             upload = mirror.upload if mirror is not None and chief else None
-            return Trainer(steps, paths, chief, upload).run(started)
+            trainer = Trainer(steps, paths, chief, upload)
+            with log_upload.live_logs(mirror if chief else None, paths.log_dir, trainer.summaries.flush,
+                                      config.log_upload_seconds):
+                return trainer.run(started)
     except tf.errors.OpError as error:
         # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -223,6 +230,8 @@ class Trainer:
         if self.early_stopping.update(phase, epoch, metrics):
             state.epoch.assign(phase.end_epoch)
         step = int(state.global_step.numpy())
+        if self.chief:
+            hypertune.report_epoch(metrics, step)
         self.store.save(step)
         self.summaries.scalars("train", step, {
             "accuracy": metrics["train_accuracy"], "epoch_loss": metrics["train_loss"],
