@@ -12,7 +12,7 @@ from trainer.errors import Failure
 from trainer.errors import UsageError
 
 # Set by the launchers from their own flags; a trainer flag or --env entry may not override them.
-MANAGED_TRAINER_FLAGS = ("strategy", "tpu", "model_dir")
+MANAGED_TRAINER_FLAGS = ("strategy", "accelerator", "tpu", "model_dir")
 MANAGED_ENVIRONMENT = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "CLUSTER_SPEC", "TF_CONFIG",
                        "WORKER_HOSTS", "JOB_COMPLETION_INDEX")
 ACCELERATORS = ("cpu", "gpu", "tpu")
@@ -109,8 +109,8 @@ def trainer_flags(arguments: list[str], strategy: str) -> list[str]:
         require(match is not None, f"trainer flags after -- must each be one --name=value argument; got {argument!r}.")
         name = match.group(1)
         require(name not in MANAGED_TRAINER_FLAGS,
-                f"trainer flag --{name}: the launcher sets it (--strategy={strategy}, and the output directory from "
-                "--output_dir); leave it out.")
+                f"trainer flag --{name}: the launcher sets it (--strategy={strategy}, --accelerator and --tpu from the "
+                "machines it asks for, and the output directory from --output_dir); leave it out.")
     return list(arguments)
 
 

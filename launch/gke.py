@@ -97,7 +97,9 @@ def _toleration(key: str) -> dict:
 
 def container(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
     strategy = strategy_name(FLAGS.workers, FLAGS.accelerator, FLAGS.gpus)
-    args = [f"--strategy={strategy}", *(["--tpu=local"] if strategy == "tpu" else []), *trainer_args]
+    # --accelerator: a pod scheduled without the device it asked for stops in one line instead of training on the CPU.
+    args = [f"--strategy={strategy}", f"--accelerator={FLAGS.accelerator}",
+            *(["--tpu=local"] if strategy == "tpu" else []), *trainer_args]
     run_dir = cloud.join_gcs(FLAGS.output_dir, job_name)
     # The layout Vertex AI gives a job, so both platforms leave the same folders in the bucket.
     env = {"AIP_MODEL_DIR": f"{run_dir}/model/", "AIP_CHECKPOINT_DIR": f"{run_dir}/checkpoints/",

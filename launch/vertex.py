@@ -7,7 +7,10 @@
 - multi_gpu: one machine with --gpus GPUs, --strategy=mirrored;
 - multi_worker: --machines machines with --gpus GPUs each, --strategy=multi_worker_mirrored; worker pool 0 is the
   chief (one replica), pool 1 the other machines, and the trainer reads the cluster from Vertex AI's CLUSTER_SPEC;
-- tpu: a TPU VM (machine type cloud-tpu, 8 TPU cores), --strategy=tpu --tpu=local.
+- tpu: one TPU host, --strategy=tpu --tpu=local: by default TPU v5e with 8 chips (ct5lp-hightpu-8t, tpuTopology 2x4;
+  --tpu_topology=1x1 or 2x2 for 1 or 4 chips), or a TPU v2-8/v3-8 VM (cloud-tpu) with --tpu_type.
+
+Every job passes --accelerator=gpu or tpu to the trainer, so a job on a machine without one stops in one line.
 
 Everything lands under --output_dir/JOB_NAME (the job's baseOutputDirectory): Vertex AI gives the trainer
 AIP_MODEL_DIR=.../model, AIP_CHECKPOINT_DIR=.../checkpoints and AIP_TENSORBOARD_LOG_DIR=.../logs. When a machine is
@@ -35,7 +38,11 @@ TOPOLOGIES = {"one_gpu": "one_device", "multi_gpu": "mirrored", "multi_worker": 
 GPU_TYPES = ("NVIDIA_TESLA_P100", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P4", "NVIDIA_TESLA_T4", "NVIDIA_TESLA_A100",
              "NVIDIA_A100_80GB", "NVIDIA_L4", "NVIDIA_H100_80GB", "NVIDIA_H100_MEGA_80GB", "NVIDIA_H200_141GB",
              "NVIDIA_B200")
-TPU_TYPES = ("TPU_V2", "TPU_V3")
+# The TPU generations Vertex AI custom training offers (MachineSpec.acceleratorType), newest first. TPU v5e runs on
+# ct5lp-hightpu machines, one host of 1, 4 or 8 chips named by the MachineSpec's tpuTopology; v2 and v3 on the
+# cloud-tpu VM, one board of 8 cores. The API has no v6e (Trillium) accelerator type yet (google-cloud-aiplatform 2.7).
+TPU_TYPES = ("TPU_V5_LITEPOD", "TPU_V3", "TPU_V2")
+TPU_V5E_MACHINE_TYPES = {"1x1": "ct5lp-hightpu-1t", "2x2": "ct5lp-hightpu-4t", "2x4": "ct5lp-hightpu-8t"}
 TPU_CORES = 8  # A cloud-tpu machine is one TPU v2-8 or v3-8 board.
 GPU_COUNTS = (1, 2, 4, 8, 16)
 # The machine type that takes N of a GPU, for the GPUs that only fit certain machine families.
@@ -63,7 +70,10 @@ flags.DEFINE_integer("gpus", 1, "GPUs per machine (multi_gpu, multi_worker).")
 flags.DEFINE_integer("machines", 2, "Machines for --topology=multi_worker.")
 flags.DEFINE_string("machine_type", None, "Compute Engine machine type. Default: one that takes --gpus of "
                     "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100); cloud-tpu for TPUs.")
-flags.DEFINE_enum("tpu_type", "TPU_V3", TPU_TYPES, "TPU generation for --topology=tpu (8 cores).")
+flags.DEFINE_enum("tpu_type", TPU_TYPES[0], TPU_TYPES, "TPU generation for --topology=tpu: TPU_V5_LITEPOD (v5e, "
+                  "the newest Vertex AI training offers), or TPU_V3/TPU_V2 (a v3-8 or v2-8 VM).")
+flags.DEFINE_enum("tpu_topology", "2x4", tuple(TPU_V5E_MACHINE_TYPES), "TPU v5e chips of the one host: 1x1, 2x2 "
+                  "(4 chips) or 2x4 (8 chips).")
 flags.DEFINE_integer("boot_disk_gb", 100, "Boot disk per machine (the GPU image alone takes about 10 GB).")
 flags.DEFINE_bool("spot", False, "Run on Spot VMs: cheaper, can be preempted; the job restarts and resumes.")
 flags.DEFINE_float("timeout_hours", 0, "Stop the job after this many hours; 0 keeps Vertex AI's limit (7 days).")
@@ -76,7 +86,11 @@ flags.DEFINE_bool("dry_run", False, "Print the CustomJob request and the gcloud 
 FLAGS = flags.FLAGS
 
 
-def machine_spec(topology: str, gpu_type: str, gpus: int, machine_type: str | None, tpu_type: str) -> dict:
+def machine_spec(topology: str, gpu_type: str, gpus: int, machine_type: str | None, tpu_type: str,
+                 tpu_topology: str) -> dict:
+    if topology == "tpu" and tpu_type == "TPU_V5_LITEPOD":
+        # As Vertex AI's TPU v5e examples: the machine type says the generation and chips, the topology their shape.
+        return {"machineType": machine_type or TPU_V5E_MACHINE_TYPES[tpu_topology], "tpuTopology": tpu_topology}
     if topology == "tpu":
         return {"machineType": machine_type or "cloud-tpu", "acceleratorType": tpu_type,
                 "acceleratorCount": TPU_CORES}
@@ -102,11 +116,13 @@ def custom_job(job_name: str, trainer_args: list[str], environment: dict[str, st
     """The body of projects.locations.customJobs.create, from the flags (already checked) and the parsed values."""
     topology = FLAGS.topology
     strategy = TOPOLOGIES[topology]
-    args = [f"--strategy={strategy}", *(["--tpu=local"] if topology == "tpu" else []), *trainer_args]
+    accelerator = "tpu" if topology == "tpu" else "gpu"
+    args = [f"--strategy={strategy}", f"--accelerator={accelerator}", *(["--tpu=local"] if topology == "tpu" else []),
+            *trainer_args]
     container = {"imageUri": FLAGS.image, "args": args}
     if environment:
         container["env"] = [{"name": name, "value": value} for name, value in environment.items()]
-    spec = machine_spec(topology, FLAGS.gpu_type, FLAGS.gpus, FLAGS.machine_type, FLAGS.tpu_type)
+    spec = machine_spec(topology, FLAGS.gpu_type, FLAGS.gpus, FLAGS.machine_type, FLAGS.tpu_type, FLAGS.tpu_topology)
     job_spec = {
         "workerPoolSpecs": worker_pools(spec, container, topology, FLAGS.machines, FLAGS.boot_disk_gb),
         "baseOutputDirectory": {"outputUriPrefix": cloud.join_gcs(FLAGS.output_dir, job_name)},
@@ -161,6 +177,9 @@ def check_flags(topology: str) -> str:
     if FLAGS.machine_type is not None:
         cloud.check_name("machine_type", FLAGS.machine_type, (r"[a-z][-a-z0-9]*", "a machine type such as "
                                                               "n1-standard-8"), 63)
+    cloud.require(topology != "tpu" or FLAGS.tpu_type == "TPU_V5_LITEPOD" or not FLAGS["tpu_topology"].present,
+                  f"--tpu_topology applies to TPU v5e (--tpu_type=TPU_V5_LITEPOD); a {FLAGS.tpu_type} VM is one board "
+                  "of 8 cores.")
     cloud.require(FLAGS.boot_disk_gb >= 100, f"--boot_disk_gb={FLAGS.boot_disk_gb} must be at least 100.")
     cloud.require(FLAGS.timeout_hours >= 0, f"--timeout_hours={FLAGS.timeout_hours} must be zero (no limit) or more.")
     if FLAGS.service_account is not None:

@@ -108,7 +108,7 @@ def test_tpu_pod_takes_a_whole_single_host_slice():
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
                                    "cloud.google.com/gke-tpu-topology": "2x2"}
     assert pod_container(job)["resources"]["limits"] == {"google.com/tpu": "4"}
-    assert pod_container(job)["args"][:2] == ["--strategy=tpu", "--tpu=local"]
+    assert pod_container(job)["args"][:3] == ["--strategy=tpu", "--accelerator=tpu", "--tpu=local"]
     assert "WORKER_HOSTS" not in env_of(job)
 
 
@@ -170,7 +170,7 @@ def test_applies_manifests_on_stdin_with_hostile_trainer_values_as_data(tmp_path
     assert can_i["argv"] == ["auth", "can-i", "create", "jobs", "--namespace=default"]
     assert apply["argv"] == ["apply", "-f", "-"]
     service, job = json.loads(apply["stdin"])["items"]
-    assert pod_container(job)["args"] == ["--strategy=multi_worker_mirrored", *hostile]
+    assert pod_container(job)["args"] == ["--strategy=multi_worker_mirrored", "--accelerator=gpu", *hostile]
     assert not list(tmp_path.glob("pwned*"))
     assert [service, job] == list(dry_run("--workers=2", trainer=tuple(hostile))[:2])
 

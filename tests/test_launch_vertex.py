@@ -13,6 +13,7 @@ from helpers import run_task
 from helpers import single_error_line
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
+import vertex_api
 from trainer import distribution
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
@@ -33,8 +34,8 @@ def test_one_gpu_job():
     assert pool["machineSpec"] == {"machineType": "n1-standard-8", "acceleratorType": "NVIDIA_TESLA_T4",
                                    "acceleratorCount": 1}
     assert pool["replicaCount"] == 1
-    assert pool["containerSpec"] == {"imageUri": IMAGE, "args": ["--strategy=one_device", "--model=resnet50",
-                                                                 "--epochs=3"]}
+    assert pool["containerSpec"] == {"imageUri": IMAGE, "args": ["--strategy=one_device", "--accelerator=gpu",
+                                                                 "--model=resnet50", "--epochs=3"]}
     assert body["displayName"] == "cifar-test"
     assert body["jobSpec"]["baseOutputDirectory"] == {"outputUriPrefix": "gs://my-bucket/runs/cifar-test"}
     assert body["jobSpec"]["scheduling"]["restartJobOnWorkerRestart"] is True
@@ -77,12 +78,33 @@ def test_multi_worker_pools_give_the_trainer_one_cluster():
     assert tf_config["task"] == {"type": "worker", "index": 2}
 
 
-def test_tpu_job():
+def test_tpu_job_defaults_to_one_v5e_host_of_8_chips():
+    body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}")
+    (pool,) = body["jobSpec"]["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "ct5lp-hightpu-8t", "tpuTopology": "2x4"}
+    assert pool["replicaCount"] == 1 and "diskSpec" not in pool
+    assert pool["containerSpec"]["args"][:3] == ["--strategy=tpu", "--accelerator=tpu", "--tpu=local"]
+    assert pool["containerSpec"]["imageUri"] == TPU_IMAGE
+
+
+@pytest.mark.parametrize("topology, machine_type", [("1x1", "ct5lp-hightpu-1t"), ("2x2", "ct5lp-hightpu-4t")])
+def test_smaller_v5e_hosts(topology, machine_type):
+    body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}", f"--tpu_topology={topology}")
+    assert body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {"machineType": machine_type,
+                                                                    "tpuTopology": topology}
+
+
+def test_tpu_v2_vm():
     body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}", "--tpu_type=TPU_V2")
     (pool,) = body["jobSpec"]["workerPoolSpecs"]
     assert pool["machineSpec"] == {"machineType": "cloud-tpu", "acceleratorType": "TPU_V2", "acceleratorCount": 8}
-    assert pool["containerSpec"]["args"][:2] == ["--strategy=tpu", "--tpu=local"]
-    assert pool["containerSpec"]["imageUri"] == TPU_IMAGE
+    assert pool["containerSpec"]["args"][:3] == ["--strategy=tpu", "--accelerator=tpu", "--tpu=local"]
+
+
+def test_tpu_topology_is_refused_for_a_v3_vm():
+    result = run_task(*BASE, f"--image={TPU_IMAGE}", "--topology=tpu", "--tpu_type=TPU_V3", "--tpu_topology=2x2",
+                      "--dry_run", module="launch.vertex", timeout=60)
+    assert "--tpu_topology applies to TPU v5e" in single_error_line(result) and result.returncode == 2
 
 
 def test_tensorboard_and_labels():
@@ -129,6 +151,27 @@ def test_requests_match_the_vertex_api_schema():
                             capture_output=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [json.loads(line) for line in result.stdout.splitlines()] == [[]] * len(variants)
+
+
+VARIANTS = [("--topology=one_gpu",), ("--topology=multi_gpu", "--gpus=8", "--gpu_type=NVIDIA_H100_80GB"),
+            ("--topology=multi_worker", "--spot", "--timeout_hours=2", "--env=A=b", "--labels=a=b"),
+            ("--topology=tpu", f"--image={TPU_IMAGE}"), ("--topology=tpu", f"--image={TPU_IMAGE}", "--tpu_type=TPU_V3"),
+            ("--tensorboard=projects/p/locations/us-central1/tensorboards/1",
+             "--service_account=a@p.iam.gserviceaccount.com")]
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda flags: " ".join(flags))
+def test_requests_parse_into_the_aiplatform_custom_job_message(flags):
+    job = vertex_api.parse(dry_run(*flags)[0], "CustomJob")
+    assert job.job_spec.worker_pool_specs[0].container_spec.image_uri.endswith(("-gpu", "-tpu"))
+
+
+def test_the_message_check_catches_a_misplaced_field():
+    body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}")
+    body["jobSpec"]["workerPoolSpecs"][0]["tpuTopology"] = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"].pop(
+        "tpuTopology")
+    with pytest.raises(Exception, match="tpuTopology"):
+        vertex_api.parse(body, "CustomJob")
 
 
 @pytest.mark.parametrize("flag, rule", [
@@ -202,7 +245,7 @@ def test_submits_with_gcloud_and_passes_hostile_trainer_values_as_data(tmp_path)
                               "--format=value(name)"]
     job_spec = json.loads(create["stdin"])
     for pool in job_spec["workerPoolSpecs"]:
-        assert pool["containerSpec"]["args"] == ["--strategy=multi_worker_mirrored", *hostile]
+        assert pool["containerSpec"]["args"] == ["--strategy=multi_worker_mirrored", "--accelerator=gpu", *hostile]
     assert not list(tmp_path.glob("pwned*"))
     body, commands = dry_run("--topology=multi_worker", trainer=tuple(hostile))
     assert job_spec == body["jobSpec"] and commands == [["gcloud", *create["argv"]]]
