@@ -7,7 +7,7 @@ import tensorflow as tf
 from helpers import make_config
 from trainer import augment
 from trainer import train
-from steps.errors import UsageError
+from trainer.errors import UsageError
 
 COMMON = dict(model="resnet50", weights="none", image_size=32, batch_size=32, train_split="train[:128]",
               eval_split="test[:32]", epochs=2, augment_views=2, random_flip=True, translate=2, brightness=0.1,
