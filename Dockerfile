@@ -14,12 +14,26 @@ FROM ${BASE_IMAGE}
 # tpu: tensorflow-tpu and libtpu; cpu: TensorFlow's CPU-only build.
 ARG ACCELERATOR=gpu
 
+# Where each accelerator's runtime is found when the job runs (README.md, "The images find their accelerator"):
+# - GPU: GKE's NVIDIA device plugin mounts the driver in /usr/local/nvidia (lib64, bin) and sets no library path, so
+#   the image puts it on LD_LIBRARY_PATH and PATH, as NVIDIA's CUDA images do; hosts that inject the driver with the
+#   NVIDIA container toolkit instead do so for the devices and capabilities the NVIDIA_* variables ask for.
+# - TPU: tensorflow-tpu loads the runtime named by $TPU_LIBRARY_PATH, the variable the Cloud TPU docs set; the tpu
+#   build links the libtpu package's libtpu.so to this fixed path, so the image says which runtime it loads (without
+#   it, tensorflow-tpu 2.20 looks for the package itself, as its start-up log shows).
+# Each is inert in the images that do not use it. TRAINER_ACCELERATOR is the trainer's --accelerator default, so a
+# GPU or TPU image that lands on a machine without one stops with one error line instead of training on the CPU.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:/usr/local/nvidia/bin:$PATH \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    TPU_LIBRARY_PATH=/opt/venv/lib/libtpu.so \
+    TRAINER_ACCELERATOR=${ACCELERATOR}
 
 # A virtual environment, because Debian's system Python refuses pip installs (PEP 668).
 COPY requirements/ /tmp/requirements/
@@ -30,6 +44,10 @@ RUN case "${ACCELERATOR}" in \
     && python -m venv "${VIRTUAL_ENV}" \
     && pip install --no-deps --require-hashes -r /tmp/requirements/build.txt \
     && pip install --no-deps --require-hashes --no-build-isolation -r "/tmp/requirements/${ACCELERATOR}.txt" \
+    && if [ "${ACCELERATOR}" = tpu ]; then \
+        ln -s "$(python -c 'import libtpu; print(libtpu.get_library_path())')" "${TPU_LIBRARY_PATH}" \
+        && test -f "${TPU_LIBRARY_PATH}"; \
+    fi \
     && rm -rf /tmp/requirements
 
 # --no-deps: the lock already holds every dependency, and the cpu and tpu images carry TensorFlow under

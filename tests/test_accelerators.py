@@ -75,7 +75,9 @@ def test_gpu_cause_names_the_most_basic_problem_first(probe, expected):
     (dict(tensorflow="tensorflow-tpu 2.20.0", library_path="/opt/venv/lib/libtpu.so", library_exists=False,
           package_path=None), "TPU_LIBRARY_PATH=/opt/venv/lib/libtpu.so does not exist"),
     (dict(tensorflow="tensorflow-tpu 2.20.0", library_path=None, library_exists=False, package_path=None),
-     "no libtpu package is installed and TPU_LIBRARY_PATH is unset"),
+     "no libtpu: TPU_LIBRARY_PATH is unset and the libtpu package is not installed"),
+    (dict(tensorflow="tensorflow-tpu 2.20.0", library_path=None, library_exists=False,
+          package_path="/opt/venv/lib/python3.11/site-packages/libtpu/libtpu.so"), None),
     (dict(tensorflow="tensorflow-tpu 2.20.0", library_path="/lib/libtpu.so", library_exists=True, package_path=None),
      None),
 ])

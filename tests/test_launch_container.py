@@ -95,6 +95,19 @@ def container_smoke(context: pathlib.Path, tag: str, *command: str, build_args: 
     return subprocess.run([*arguments, "--", *command], capture_output=True, text=True, timeout=1800)
 
 
+def assert_finds_its_accelerator(environment: dict[str, str], accelerator: str) -> None:
+    """The image's environment, as the runtime gives it to the job: the NVIDIA driver where GKE's device plugin
+    mounts it, the NVIDIA container toolkit's variables, libtpu's path, and --accelerator's default. The same ENV
+    line serves every accelerator's image, so the CPU image built here shows the GPU image's too."""
+    assert environment["LD_LIBRARY_PATH"].split(":")[0] == "/usr/local/nvidia/lib64"
+    assert "/usr/local/nvidia/bin" in environment["PATH"].split(":")
+    assert environment["PATH"].split(":")[0] == "/opt/venv/bin"  # The image's Python first.
+    assert environment["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert set(environment["NVIDIA_DRIVER_CAPABILITIES"].split(",")) >= {"compute", "utility"}
+    assert environment["TPU_LIBRARY_PATH"] == "/opt/venv/lib/libtpu.so"
+    assert environment["TRAINER_ACCELERATOR"] == accelerator
+
+
 DATA_LAYER = """# The trainer image plus the prepared CIFAR-10 copy (TFDS cannot download it here).
 ARG TRAINER_IMAGE
 FROM ${TRAINER_IMAGE}
@@ -114,7 +127,9 @@ def test_cpu_image_builds_and_trains(tmp_path):
     assert "--model_dir" in built.stdout
     inspected = subprocess.run(["buildah", "inspect", "--type", "image", tag], capture_output=True, text=True)
     assert inspected.returncode == 0, inspected.stderr
-    assert json.loads(inspected.stdout)["OCIv1"]["config"]["Entrypoint"] == ["python", "-m", "trainer.task"]
+    config = json.loads(inspected.stdout)["OCIv1"]["config"]
+    assert config["Entrypoint"] == ["python", "-m", "trainer.task"]
+    assert_finds_its_accelerator(dict(entry.split("=", 1) for entry in config["Env"]), "cpu")
 
     cifar_dir = cifar10_data_dir()
     if cifar_dir is None:
@@ -130,4 +145,36 @@ def test_cpu_image_builds_and_trains(tmp_path):
     lines = trained.stdout.splitlines()
     assert lines[0] == "1000"
     metrics = json.loads("\n".join(lines[lines.index("{"):]))
+    assert metrics["epochs_completed"] == 1 and 0 <= metrics["test_accuracy"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_tpu_image_finds_libtpu_trains_on_tensorflow_2_20_and_refuses_a_missing_tpu(tmp_path):
+    """The TPU image carries tensorflow-tpu 2.20 (PyPI has no 2.21): the trainer must run on it as on 2.21, its
+    TPU_LIBRARY_PATH must name a real libtpu.so, and on this TPU-less machine its default --accelerator=tpu must
+    stop in one error line."""
+    if not CONTAINER_SMOKE.is_file():
+        pytest.skip(f"{CONTAINER_SMOKE} is absent (it builds images without a Docker engine)")
+    cifar_dir = cifar10_data_dir()
+    if cifar_dir is None:
+        pytest.skip("training in the image needs the prepared CIFAR-10 copy, which is absent")
+    tag = "localhost/cifar-trainer:test-tpu"
+    script = ("test -f \"$(readlink -f \"$TPU_LIBRARY_PATH\")\" && echo libtpu-found; "
+              "python -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null; "
+              "python -m trainer.task --model_dir=runs/refused 2>&1 | grep '^error:'; "
+              "python -m trainer.task --accelerator=auto --data_dir=/home/trainer/tensorflow_datasets "
+              "--train_split='train[:256]' --eval_split='test[:128]' --batch_size=64 --epochs=1 "
+              "--early_stopping_patience=0 --model_dir=runs/smoke >/dev/null 2>&1 && cat runs/smoke/metrics.json")
+    built = container_smoke(ROOT, tag, "true", build_args=("ACCELERATOR=tpu",))
+    assert built.returncode == 0, built.stderr[-4000:]
+    shutil.copytree(pathlib.Path(cifar_dir) / "cifar10", tmp_path / "tensorflow_datasets" / "cifar10")
+    (tmp_path / "Dockerfile").write_text(DATA_LAYER)
+    ran = container_smoke(tmp_path, "localhost/cifar-trainer:test-tpu-data", "sh", "-c", script,
+                          build_args=(f"TRAINER_IMAGE={tag}",))
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "libtpu-found", ran.stdout + ran.stderr[-3000:]
+    assert lines[1].startswith("2.20."), lines[1]
+    assert lines[2].startswith("error: --accelerator=tpu: no TPU answered at --tpu=local"), lines[2]
+    metrics = json.loads("\n".join(lines[3:]))
     assert metrics["epochs_completed"] == 1 and 0 <= metrics["test_accuracy"] <= 1

@@ -51,13 +51,3 @@ import os
 # AVX2 CPUs measured here they train the cnn 1.3x faster (benchmarks/run.py), and TensorFlow
 # reads this only at import, so set it before anything imports TensorFlow. Export 0 to opt out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-# tensorflow-tpu loads the TPU runtime from $TPU_LIBRARY_PATH when TensorFlow is imported, else libtpu.so from the
-# linker's search path, where pip's libtpu package never is. The images set the variable; this covers a TPU VM with
-# libtpu pip-installed. find_spec looks the package up without importing it.
-if not os.environ.get("TPU_LIBRARY_PATH"):
-    import importlib.util
-
-    _libtpu = importlib.util.find_spec("libtpu")
-    if _libtpu is not None and _libtpu.submodule_search_locations:
-        os.environ["TPU_LIBRARY_PATH"] = os.path.join(_libtpu.submodule_search_locations[0], "libtpu.so")

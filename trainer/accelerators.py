@@ -47,7 +47,9 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
     except UsageError as error:
         if config.accelerator != "tpu":
             raise
-        raise UsageError(f"--accelerator=tpu: no TPU answered ({error}) Likely cause: {TPU_NOT_ATTACHED}") from error
+        reason = one_line(error.__cause__ or error, 120)
+        raise UsageError(f"--accelerator=tpu: no TPU answered at --tpu={config.tpu} ({reason}). Likely cause: "
+                         f"{TPU_NOT_ATTACHED}") from error
     if config.accelerator == "tpu" and not isinstance(strategy, tf.distribute.TPUStrategy):
         raise UsageError(f"--accelerator=tpu needs --strategy=tpu or auto, not --strategy={config.strategy}.")
     if config.accelerator == "auto" and device_kind(strategy) == "CPU":
@@ -112,12 +114,10 @@ def tpu_library_problem(tensorflow: str, library_path: str | None, library_exist
                 "(python -m launch.build --accelerator=tpu) or install tensorflow-tpu.")
     if library_path is not None and not library_exists:
         return f"TPU_LIBRARY_PATH={library_path} does not exist; point it at libtpu.so."
-    if library_path is None:
-        # tensorflow-tpu loads $TPU_LIBRARY_PATH, else "libtpu.so" from the linker's search path; trainer/__init__.py
-        # sets the variable from the libtpu package when it is installed, so reaching here means it is not.
-        where = f"the libtpu package is at {package_path}, but " if package_path else "no libtpu package is "
-        return (f"{where}installed and TPU_LIBRARY_PATH is unset; pip install libtpu (the tpu image has it) or set "
-                "TPU_LIBRARY_PATH to libtpu.so.")
+    if library_path is None and package_path is None:
+        # Without the variable, tensorflow-tpu 2.20 looks for the libtpu package's libtpu.so itself.
+        return ("no libtpu: TPU_LIBRARY_PATH is unset and the libtpu package is not installed; pip install libtpu "
+                "(the tpu image has it) or point TPU_LIBRARY_PATH at libtpu.so.")
     return None
 
 
