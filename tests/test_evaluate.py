@@ -15,9 +15,8 @@ from trainer import train
 
 
 @pytest.fixture(scope="module")
-def trained_run(cifar_dir, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("evaluate") / "run"
-    return model_dir, train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4))
+def trained_run(tiny_run):
+    return tiny_run
 
 
 def run_evaluate(capsys, *argv: str) -> tuple[int, str, str]:

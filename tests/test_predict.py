@@ -10,15 +10,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import make_config, run_in_process, run_task
+from helpers import run_in_process, run_task
 from trainer import predict
-from trainer import train
 
 
 @pytest.fixture(scope="module")
-def trained_run(cifar_dir, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("predict") / "run"
-    metrics = train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4, epochs=1))
+def trained_run(tiny_run):
+    model_dir, metrics = tiny_run
     return model_dir, metrics["class_names"]
 
 
