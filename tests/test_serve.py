@@ -5,9 +5,11 @@ One server process serves the whole module (started once: it costs seconds); the
 
 import base64
 import concurrent.futures
+import fcntl
 import http.client
 import io
 import json
+import os
 import pathlib
 import re
 import socket
@@ -34,12 +36,21 @@ LIMITS = ("--max_request_bytes=300000", "--max_instances=8", "--max_image_pixels
 
 
 def train_served_run(tmp_path_factory, cifar_dir) -> pathlib.Path:
-    """One tiny cnn run per test session, shared by the serving and export tests; the first to ask trains it."""
+    """One tiny cnn run per test session, shared by the serving and export tests; the first to ask trains it.
+
+    pytest-xdist's workers each have a temporary directory below a shared one: the run goes there, trained by
+    the first worker while the others wait on a lock.
+    """
     from trainer import train
 
-    model_dir = tmp_path_factory.getbasetemp() / "served-run"
-    if not (model_dir / "export" / "saved_model.pb").exists():
-        train.run(make_config(cifar_dir, model_dir))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    model_dir = shared / "served-run"
+    with open(shared / "served-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (model_dir / "export" / "saved_model.pb").exists():
+            train.run(make_config(cifar_dir, model_dir))
     return model_dir
 
 
@@ -378,3 +389,21 @@ def test_the_page_shows_predictions_in_a_real_browser(server, tmp_path):
     assert cards[2]["state"] == "failed" and "not an image file" in cards[2]["message"]
     with Image.open(tmp_path / "page.png") as page:
         assert page.width == 1280 and page.height >= 800
+
+
+def test_a_gs_run_is_downloaded_and_served(served_run, gcs_bucket):
+    """A run in Cloud Storage (the emulator) loads like the local one and gives the same answers."""
+    from google.cloud import storage
+
+    from trainer import served_model
+
+    bucket = storage.Client().bucket(gcs_bucket)
+    for path in served_run.rglob("*"):
+        if path.is_file() and "checkpoints" not in path.parts and "logs" not in path.parts:
+            bucket.blob(f"serve-run/{path.relative_to(served_run)}").upload_from_filename(str(path))
+    remote = served_model.load(f"gs://{gcs_bucket}/serve-run", None)
+    local = served_model.load(str(served_run), None)
+    assert remote.name == local.name == "cnn" and remote.class_names == local.class_names
+    assert remote.description["test_accuracy"] == local.description["test_accuracy"]
+    images = np.random.default_rng(13).integers(0, 256, (4, 32, 32, 3), np.uint8)
+    np.testing.assert_allclose(remote.probabilities(images), local.probabilities(images), atol=1e-6)
