@@ -91,7 +91,7 @@ import numpy as np, tensorflow as tf
 model = tf.saved_model.load({str(model_dir / 'export')!r})
 images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
 probabilities = model.serve(tf.constant(images)).numpy()
-default = model.signatures["serving_default"](tf.constant(images))
+default = model.signatures["serve"](images=tf.constant(images))
 import json
 print(json.dumps({{"shape": probabilities.shape, "sums": probabilities.sum(axis=1).tolist(),
                   "signature_outputs": list(default.keys())}}))
