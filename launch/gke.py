@@ -1,6 +1,10 @@
-"""Runs the training job on Kubernetes (GKE): renders an Indexed Job and a headless Service, and applies them.
+"""Runs the training job on Kubernetes (GKE): renders a JobSet, or an Indexed Job and a headless Service, and applies
+them.
 
     python -m launch.gke --image=IMAGE --output_dir=gs://BUCKET/runs --workers=2 --gpus=1 -- --model=resnet50
+
+By default (--api=jobset) the job is a JobSet: its pods restart together, it owns its Service, and it is deleted
+--ttl_hours after it ends (launch/gke_jobset.py). --api=job renders the Indexed Job described below instead.
 
 The Job runs --workers pods, one per index. The headless Service gives pod i the stable DNS name
 JOB-i.JOB (its hostname and subdomain), and every pod gets WORKER_HOSTS, the list of all those names with --port;
@@ -27,6 +31,7 @@ from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import gke_jobset
 from launch import gke_serve
 from trainer import cli
 
@@ -49,10 +54,21 @@ flags.DEFINE_integer("tpu_chips", 8, "TPU chips per pod (google.com/tpu); the wh
 flags.DEFINE_string("cpu", None, "CPU request per pod, e.g. 8 or 7500m.")
 flags.DEFINE_string("memory", None, "Memory request per pod, e.g. 32Gi.")
 flags.DEFINE_integer("port", 2222, "Port the workers talk to each other on.")
-flags.DEFINE_integer("restarts", 3, "Failed attempts per pod, preemptions aside, before the Job fails "
+flags.DEFINE_integer("restarts", 3, "JobSet: restarts of the whole job, preemptions aside, before it fails. Job: "
+                     "failed attempts per pod, preemptions aside, before the Job fails "
                      "(backoffLimit = restarts x workers: one worker's failure stops all of them).")
 flags.DEFINE_float("timeout_hours", 0, "Stop the Job after this many hours (activeDeadlineSeconds); 0: no limit.")
-flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true).")
+flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true, and its taint "
+                  "tolerated).")
+flags.DEFINE_enum("api", "jobset", ("jobset", "job"), "jobset: a JobSet, whose pods restart together and which owns "
+                  "its Service (needs the JobSet controller); job: an Indexed Job and a headless Service that outlives "
+                  "it (delete it with kubectl delete service JOB_NAME).")
+flags.DEFINE_float("ttl_hours", 24, "Delete the finished JobSet or Job (with its pods and logs) this many hours after "
+                   "it ends (ttlSecondsAfterFinished).")
+flags.DEFINE_integer("grace_seconds", 300, "terminationGracePeriodSeconds of the pods: how long a drained or "
+                     "preempted pod may take to save its checkpoint and upload it before it is killed.")
+flags.DEFINE_string("queue", None, "Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name); Kueue then "
+                    "admits the job when its quota allows.")
 flags.DEFINE_string("service_account", None, "Kubernetes service account of the pods, e.g. one bound to a Google "
                     "service account that may write to the bucket (Workload Identity).")
 flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.")
@@ -73,21 +89,27 @@ def strategy_name(workers: int, accelerator: str, gpus: int) -> str:
 
 
 def worker_hosts(job_name: str, workers: int, port: int) -> str:
-    """Pod i of an Indexed Job has hostname JOB-i; with subdomain JOB it resolves as JOB-i.JOB in the namespace."""
+    """Pod i of an Indexed Job has hostname JOB-i; with subdomain JOB it resolves as JOB-i.JOB in the namespace.
+    A JobSet names its pods itself (gke_jobset.hostnames)."""
+    if FLAGS.api == "jobset":
+        return ",".join(f"{host}:{port}" for host in gke_jobset.hostnames(job_name, workers))
     return ",".join(f"{job_name}-{index}.{job_name}:{port}" for index in range(workers))
 
 
 def node_placement() -> tuple[dict, list[dict], dict]:
     """(nodeSelector, tolerations, resource limits) for the accelerator."""
     selector = {"cloud.google.com/gke-spot": "true"} if FLAGS.spot else {}
+    # Spot node pools may be tainted so that only pods meant for them land there.
+    spot = [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}] \
+        if FLAGS.spot else []
     if FLAGS.accelerator == "gpu":
         selector["cloud.google.com/gke-accelerator"] = FLAGS.gpu_type
-        return selector, [_toleration("nvidia.com/gpu")], {"nvidia.com/gpu": str(FLAGS.gpus)}
+        return selector, [_toleration("nvidia.com/gpu"), *spot], {"nvidia.com/gpu": str(FLAGS.gpus)}
     if FLAGS.accelerator == "tpu":
         selector.update({"cloud.google.com/gke-tpu-accelerator": FLAGS.tpu_type,
                          "cloud.google.com/gke-tpu-topology": FLAGS.tpu_topology})
-        return selector, [_toleration("google.com/tpu")], {"google.com/tpu": str(FLAGS.tpu_chips)}
-    return selector, [], {}
+        return selector, [_toleration("google.com/tpu"), *spot], {"google.com/tpu": str(FLAGS.tpu_chips)}
+    return selector, spot, {}
 
 
 def _toleration(key: str) -> dict:
@@ -122,15 +144,26 @@ def container(job_name: str, trainer_args: list[str], environment: dict[str, str
     return spec
 
 
-def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
-    labels = {"app.kubernetes.io/name": "cifar-trainer", "app.kubernetes.io/instance": job_name}
+def labels_of(job_name: str) -> dict:
+    return {"app.kubernetes.io/name": "cifar-trainer", "app.kubernetes.io/instance": job_name}
+
+
+def pod_template(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
+    """The workers' pod template, for the Job and the JobSet alike."""
     selector, tolerations, _ = node_placement()
-    pod_spec = {"subdomain": job_name, "restartPolicy": "Never",
+    pod_spec = {"restartPolicy": "Never", "terminationGracePeriodSeconds": FLAGS.grace_seconds,
                 "containers": [container(job_name, trainer_args, environment)]}
     for key, value in (("nodeSelector", selector), ("tolerations", tolerations),
                        ("serviceAccountName", FLAGS.service_account)):
         if value:
             pod_spec[key] = value
+    return {"metadata": {"labels": labels_of(job_name)}, "spec": pod_spec}
+
+
+def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
+    labels = labels_of(job_name)
+    template = pod_template(job_name, trainer_args, environment)
+    template["spec"] = {"subdomain": job_name, **template["spec"]}
     spec = {
         "completionMode": "Indexed", "completions": FLAGS.workers, "parallelism": FLAGS.workers,
         "backoffLimit": FLAGS.restarts * FLAGS.workers,
@@ -144,10 +177,13 @@ def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> 
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [cli.USAGE_EXIT_CODE]}},
         ]},
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": template,
+        "ttlSecondsAfterFinished": round(FLAGS.ttl_hours * 3600),
     }
     if FLAGS.timeout_hours:
         spec["activeDeadlineSeconds"] = round(FLAGS.timeout_hours * 3600)
+    if FLAGS.queue:
+        labels = {**labels, gke_jobset.QUEUE_LABEL: FLAGS.queue}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": job_name, "namespace": FLAGS.namespace, "labels": labels}, "spec": spec}
 
@@ -163,7 +199,13 @@ def service(job_name: str) -> dict:
 
 
 def manifests(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> dict:
-    """Both objects as one v1 List, which `kubectl apply -f -` accepts as JSON."""
+    """What `kubectl apply -f -` gets: the JobSet (which makes its own Service), or the Job and its Service as one v1
+    List."""
+    if FLAGS.api == "jobset":
+        return gke_jobset.jobset(job_name, FLAGS.namespace, labels_of(job_name),
+                                 pod_template(job_name, trainer_args, environment), CONTAINER, FLAGS.workers,
+                                 FLAGS.restarts, round(FLAGS.ttl_hours * 3600), round(FLAGS.timeout_hours * 3600),
+                                 FLAGS.queue)
     return {"apiVersion": "v1", "kind": "List",
             "items": [service(job_name), job(job_name, trainer_args, environment)]}
 
@@ -182,7 +224,9 @@ def check_flags() -> str:
     cloud.require(FLAGS.workers >= 1, f"--workers={FLAGS.workers} must be at least 1.")
     job_name = FLAGS.job_name or f"cifar-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     # Pod hostnames JOB-INDEX are DNS labels too, and the Service name must start with a letter.
-    cloud.check_name("job_name", job_name, cloud.DNS_1035_LABEL, 63 - len(f"-{FLAGS.workers - 1}"))
+    last_pod = f"-{gke_jobset.REPLICATED_JOB}-0-{FLAGS.workers - 1}" if FLAGS.api == "jobset" else \
+        f"-{FLAGS.workers - 1}"
+    cloud.check_name("job_name", job_name, cloud.DNS_1035_LABEL, 63 - len(last_pod))
     cloud.check_name("namespace", FLAGS.namespace, cloud.DNS_1123_LABEL, 63)
     if FLAGS.context is not None:
         cloud.require(re.fullmatch(r"[^\s=]+", FLAGS.context) is not None,
@@ -197,6 +241,10 @@ def check_resources() -> None:
     cloud.require(1 <= FLAGS.port <= 65535, f"--port={FLAGS.port} must be 1 to 65535.")
     cloud.require(FLAGS.restarts >= 0, f"--restarts={FLAGS.restarts} must be zero or more.")
     cloud.require(FLAGS.timeout_hours >= 0, f"--timeout_hours={FLAGS.timeout_hours} must be zero (no limit) or more.")
+    cloud.require(FLAGS.ttl_hours >= 0, f"--ttl_hours={FLAGS.ttl_hours} must be zero (delete at once) or more.")
+    cloud.require(FLAGS.grace_seconds >= 0, f"--grace_seconds={FLAGS.grace_seconds} must be zero or more.")
+    if FLAGS.queue is not None:
+        cloud.check_name("queue", FLAGS.queue, cloud.DNS_1123_SUBDOMAIN, 63)
     for flag in ("cpu", "memory"):
         if FLAGS[flag].value is not None:
             cloud.check_name(flag, FLAGS[flag].value, QUANTITY, 20)
@@ -224,14 +272,16 @@ def check_cluster_access() -> None:
     context = cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; "
                                  f"run {GET_CREDENTIALS} and try again.")
     failure = f"kubectl cannot check its permissions in context {context}"
-    result = cloud.run_check(list(kubectl("auth", "can-i", "create", "jobs", f"--namespace={FLAGS.namespace}")),
+    resource = "jobsets.jobset.x-k8s.io" if FLAGS.api == "jobset" else "jobs"
+    result = cloud.run_check(list(kubectl("auth", "can-i", "create", resource, f"--namespace={FLAGS.namespace}")),
                              f"{failure}; run {GET_CREDENTIALS} and try again.")
     answer = result.stdout.strip()
     if answer == "yes":
         return
     if answer.startswith("no"):
         raise cloud.CommandError(f"kubectl's credentials in context {context} may not create Jobs in "
-                                 f"--namespace={FLAGS.namespace} (`kubectl auth can-i create jobs` says no); ask the "
+                                 f"--namespace={FLAGS.namespace} (`kubectl auth can-i create {resource}` says no); "
+                                 "ask the "
                                  "cluster's admin for a role that may (on GKE: roles/container.developer).")
     reason = cloud.last_line(result.stderr) or f"exit status {result.returncode}"
     raise cloud.CommandError(f"{failure} ({reason}); its credentials may have expired: run {GET_CREDENTIALS} "
@@ -251,9 +301,10 @@ def main(argv: list[str]) -> None:
         return
     check_cluster_access()
     cloud.run(apply)
-    logging.info("Follow it: kubectl logs --namespace=%s --follow --prefix --selector=job-name=%s "
-                 "--max-log-requests=%d", FLAGS.namespace, job_name, max(FLAGS.workers, 5))
-    print(f"job.batch/{job_name}")
+    selector = f"jobset.sigs.k8s.io/jobset-name={job_name}" if FLAGS.api == "jobset" else f"job-name={job_name}"
+    logging.info("Follow it: kubectl logs --namespace=%s --follow --prefix --selector=%s "
+                 "--max-log-requests=%d", FLAGS.namespace, selector, max(FLAGS.workers, 5))
+    print(f"jobset.jobset.x-k8s.io/{job_name}" if FLAGS.api == "jobset" else f"job.batch/{job_name}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from trainer import distribution
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
 TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-tpu"
-BASE = [f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifar-test"]
+# The Indexed Job and its Service (--api=job); tests/test_launch_gke_jobset.py tests the default, a JobSet.
+BASE = [f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifar-test", "--api=job"]
 # GKE's oldest and newest supported Kubernetes minor versions, as bundled with kubernetes-validate.
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 
