@@ -14,7 +14,9 @@ the shape: several pods run multi_worker_mirrored, one pod mirrored (several GPU
 
 A failed pod is replaced up to --restarts times per pod, and the replacement resumes from the latest checkpoint. A
 preempted pod (exit status 42 after it saved a checkpoint, or evicted by Kubernetes) does not count against that,
-and a usage error (exit status 2) fails the Job at once. Outputs go to --output_dir/JOB_NAME, in the layout of a
+a usage error (exit status 2) fails the Job at once, and a transient failure (exit status 75: storage unreachable
+past --storage_retry_seconds) is retried like any other failure, never failing the Job at once. Outputs go to
+--output_dir/JOB_NAME, in the layout of a
 Vertex AI job (model/, checkpoints/, logs/); the pods need write access to the bucket (Workload Identity through
 --service_account). With --dry_run the manifests are printed, so `... --dry_run | kubectl apply -f -` works too.
 
@@ -173,6 +175,11 @@ def job(job_name: str, trainer_args: list[str], environment: dict[str, str]) -> 
             # The trainer caught SIGTERM and saved a checkpoint: the replacement pod resumes from it.
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [cli.PREEMPTED_EXIT_CODE]}},
+            # Cloud Storage or the network stayed unreachable past --storage_retry_seconds: the world failed, not
+            # the job, so a new pod retries (and resumes); it counts against backoffLimit, so an outage that never
+            # ends still ends the Job.
+            {"action": "Count", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                "values": [cli.TRANSIENT_EXIT_CODE]}},
             # A bad flag fails the same way on every attempt.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [cli.USAGE_EXIT_CODE]}},

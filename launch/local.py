@@ -143,7 +143,11 @@ def run(trainer_args: list[str], num_workers: int, restarts: int, grace_seconds:
             logging.error("A worker rejected its flags; restarting would not help.")
             return cli.USAGE_EXIT_CODE
     logging.error("The job failed after %d attempt(s).", restarts + 1)
-    return cli.PREEMPTED_EXIT_CODE if any(code == cli.PREEMPTED_EXIT_CODE for code in codes) else cli.FAILURE_EXIT_CODE
+    # The last attempt's reason, so that whoever runs this launcher can retry a preempted or transient failure.
+    for retryable in (cli.PREEMPTED_EXIT_CODE, cli.TRANSIENT_EXIT_CODE):
+        if retryable in codes:
+            return retryable
+    return cli.FAILURE_EXIT_CODE
 
 
 def main(argv: list[str]) -> int:

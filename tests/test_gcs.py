@@ -214,7 +214,7 @@ def test_repeated_checksum_mismatches_stop_with_one_line_and_leave_no_damaged_fi
 class BucketThatRefusesWrites:
     """A storage client for a bucket that exists and may be read, but not written (no storage.objects.create)."""
 
-    def lookup_bucket(self, name: str, timeout: float | None = None):
+    def lookup_bucket(self, name: str, timeout: float | None = None, retry=None):
         return SimpleNamespace(name=name)
 
     def bucket(self, name: str):

@@ -117,7 +117,7 @@ def test_preemption_does_not_count_against_the_backoff_limit():
     _, job, _ = dry_run()
     rules = job["spec"]["podFailurePolicy"]["rules"]
     by_exit_code = {rule["onExitCodes"]["values"][0]: rule["action"] for rule in rules if "onExitCodes" in rule}
-    assert by_exit_code == {42: "Ignore", 2: "FailJob"}
+    assert by_exit_code == {42: "Ignore", 75: "Count", 2: "FailJob"}
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 
 

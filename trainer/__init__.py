@@ -10,6 +10,7 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   accelerators.py    --accelerator: no silent CPU fallback, the one-line diagnosis, the start-up device log
   storage.py         the run directory: layout, safe writes, resume checks
   gcs.py             gs:// run directories, mirrored from a local working copy
+  run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
   models.py          the networks by name (cnn, resnet50) and test-time augmentation
   airbench.py        airbench94's patch-whitened network

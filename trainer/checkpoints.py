@@ -1,8 +1,10 @@
 """Checkpoints that follow the multi-worker rules, and saving them when a worker is preempted."""
 
+import glob
 import json
 import math
 import os
+import re
 import signal
 import threading
 
@@ -10,6 +12,7 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.python.distribute.failure_handling import failure_handling_util
 
+from trainer import storage
 from trainer.errors import Preempted
 from trainer.errors import UsageError
 from trainer.errors import one_line
@@ -55,29 +58,60 @@ class CheckpointStore:
         self.after_save = after_save
         self.is_chief = is_chief
         self.objects = objects
+        self.max_to_keep = max_to_keep
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.read_manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
         if is_chief:
-            self._write_dir, self.write_manager = directory, self.read_manager
-        else:
-            self._write_dir = os.path.join(directory, f".worker-{task_id}-temp")
-            _remove(self._write_dir)  # A killed worker may have left one behind.
-            self.write_manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir, max_to_keep=1)
+            repair_state_file(directory)
+        self._open_managers(task_id)
         self.last_saved_step = None
 
+    def _open_managers(self, task_id: int = 0) -> None:
+        self.read_manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.max_to_keep)
+        if self.is_chief:
+            self._write_dir, self.write_manager = self.directory, self.read_manager
+        else:
+            self._write_dir = os.path.join(self.directory, f".worker-{task_id}-temp")
+            _remove(self._write_dir)  # A killed worker may have left one behind.
+            self.write_manager = tf.train.CheckpointManager(self.checkpoint, self._write_dir, max_to_keep=1)
+
     def restore_latest(self) -> str | None:
-        """Restores the newest checkpoint in the shared directory; returns its path, or None."""
-        path = self.read_manager.latest_checkpoint
-        if path is None:
-            return None
+        """Restores the newest intact checkpoint in the shared directory; returns its path, or None when it has none.
+
+        It walks back from the newest checkpoint on disk (whatever the state file says), skipping each one that
+        cannot be read whole, and names those it skipped. When none can be read it stops, changing nothing.
+        """
+        candidates = checkpoints_on_disk(self.directory)
+        skipped = []
+        for path in candidates:
+            damage = checkpoint_damage(path)
+            if damage is not None:
+                logging.warning("Skipping checkpoint %s: %s.", path, damage)
+                skipped.append(f"{os.path.basename(path)}: {damage}")
+                continue
+            self._restore(path)
+            if skipped:
+                logging.warning("Resumed from %s, the newest intact checkpoint, skipping %d newer damaged one(s).",
+                                path, len(skipped))
+                if self.is_chief:
+                    # Later saves must neither count the damaged ones as kept nor make them the latest.
+                    intact = [older for older in candidates[len(skipped):] if checkpoint_damage(older) is None]
+                    write_state_file(self.directory, path, list(reversed(intact[:self.max_to_keep])))
+                    self._open_managers()
+            return path
+        if skipped:
+            raise UsageError(f"None of the {len(skipped)} checkpoints in {self.directory} can be read "
+                             f"({'; '.join(skipped)[:300]}); nothing was changed. Move them aside to start the run "
+                             "over, or give a new --model_dir.")
+        return None
+
+    def _restore(self, path: str) -> None:
         try:
             self._checkpoint_matching(path).restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise UsageError(f"Cannot resume from {path}: it does not match this model and flags "
                              f"({one_line(error, 200)}). Use a new --model_dir.") from error
-        self.last_saved_step = int(path.rsplit("-", 1)[1])
+        self.last_saved_step = checkpoint_number(path)
         logging.info("Resumed from %s.", path)
-        return path
 
     def _checkpoint_matching(self, path: str) -> tf.train.Checkpoint:
         """The run's checkpoint, less the entries added since an older `path` was written."""
@@ -92,7 +126,9 @@ class CheckpointStore:
     def save(self, step: int) -> None:
         if step == self.last_saved_step:
             return
-        path = self.write_manager.save(checkpoint_number=step)
+        with storage.disk_space_guard(f"checkpoint {step}", self._write_dir,
+                                      leftovers=os.path.join(self._write_dir, f"ckpt-{step}_temp*")):
+            path = self.write_manager.save(checkpoint_number=step)
         self.last_saved_step = step
         if self.is_chief:
             logging.info("Saved checkpoint %s.", path)
@@ -100,6 +136,78 @@ class CheckpointStore:
             _remove(self._write_dir)
         if self.after_save is not None:
             self.after_save()
+
+
+def checkpoint_number(path: str) -> int:
+    return int(path.rsplit("-", 1)[1])
+
+
+def checkpoints_on_disk(directory: str) -> list[str]:
+    """Every checkpoint in `directory` (its path prefix, e.g. DIR/ckpt-40), newest first, from the files themselves
+    and from the state file: a checkpoint missing a file is still listed, so that it is reported as damaged."""
+    numbers = set()
+    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*")):
+        match = re.fullmatch(r"ckpt-(\d+)\.(index|data-\d+-of-\d+)", os.path.basename(path))
+        if match:
+            numbers.add(int(match.group(1)))
+    state = _read_state(directory)
+    if state is not None:
+        for name in [state.model_checkpoint_path, *state.all_model_checkpoint_paths]:
+            match = re.fullmatch(r"ckpt-(\d+)", os.path.basename(name))
+            if match:
+                numbers.add(int(match.group(1)))
+    return [os.path.join(directory, f"ckpt-{number}") for number in sorted(numbers, reverse=True)]
+
+
+def checkpoint_damage(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be restored whole, or None when every tensor in it reads back.
+
+    Reading every tensor checks each against the checksum its index holds, so a truncated or corrupted data
+    file is caught here instead of halfway through a restore that has already overwritten some variables.
+    """
+    if not os.path.exists(path + ".index"):
+        return "its .index file is missing"
+    if not glob.glob(glob.escape(path) + ".data-*"):
+        return "its .data files are missing"
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as error:  # noqa: BLE001  (a cut file raises IndexError, ValueError or op errors by where it ends)
+        return f"it cannot be read ({one_line(error, 160)})"
+    return None
+
+
+def _read_state(directory: str):
+    """The checkpoint state file's contents, or None when it is absent or damaged."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except ValueError:  # An empty file.
+        return None
+    return state if state is not None and state.model_checkpoint_path else None
+
+
+def repair_state_file(directory: str) -> None:
+    """Rebuilds a damaged or missing checkpoint state file from the checkpoint files on disk.
+
+    TensorFlow reads a damaged state file as "no checkpoints" (garbage) or fails (an empty file); either way
+    the run would start over and overwrite the good checkpoints it has.
+    """
+    state_file = os.path.join(directory, "checkpoint")
+    on_disk = checkpoints_on_disk(directory)
+    if not on_disk or _read_state(directory) is not None:
+        return
+    if os.path.exists(state_file):
+        logging.warning("The checkpoint state file %s is damaged; rebuilding it from the %d checkpoint(s) on disk.",
+                        state_file, len(on_disk))
+    else:
+        logging.warning("%s holds checkpoints but no state file; rebuilding it from them.", directory)
+    write_state_file(directory, on_disk[0], list(reversed(on_disk)))
+
+
+def write_state_file(directory: str, latest: str, kept: list[str]) -> None:
+    tf.compat.v1.train.update_checkpoint_state(directory, os.path.basename(latest),
+                                               [os.path.basename(path) for path in kept])
 
 
 def _remove(directory: str) -> None:

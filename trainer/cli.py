@@ -14,12 +14,16 @@ from absl import logging
 
 from trainer.errors import Failure
 from trainer.errors import Preempted
+from trainer.errors import TransientError
 from trainer.errors import UsageError
 
 # Exit statuses, so that scripts and cluster restart policies can tell the outcomes apart.
 FAILURE_EXIT_CODE = 1  # The work failed (a NaN loss, a lost worker, a failed cloud command).
 USAGE_EXIT_CODE = 2  # The user's input is wrong; rerunning the same command cannot help.
 PREEMPTED_EXIT_CODE = 42  # A preemption checkpoint was saved; rerun the same command to resume.
+# Storage or the network stayed unreachable past the retry time; rerunning later resumes. 75 is sysexits.h's
+# EX_TEMPFAIL ("a temporary failure; the user is invited to retry").
+TRANSIENT_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as shells report it.
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-h", "-?")
@@ -92,6 +96,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str]) -> None:
         _exit_with_error(error, USAGE_EXIT_CODE)
     except Failure as error:
         _exit_with_error(error, FAILURE_EXIT_CODE)
+    except TransientError as error:
+        _exit_with_error(error, TRANSIENT_EXIT_CODE)
     except Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)

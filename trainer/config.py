@@ -201,6 +201,14 @@ class Config:
     model_dir: str | None = option(
         None, "Where checkpoints, logs, the export and metrics go; local or gs://.", group="Loop and outputs",
         resumable=True, default_text="$AIP_MODEL_DIR (Vertex AI), else runs/<model>-<time>")
+    force_unlock: bool = option(
+        False, "Take over the run lock of a gs:// --model_dir whose holder is dead (a crashed job elsewhere); a live "
+        "holder would then be overwritten, so check first. Local locks free themselves when their process dies.",
+        group="Loop and outputs", resumable=True)
+    storage_retry_seconds: int = option(
+        600, "gs:// --model_dir: how long Cloud Storage may stay unreachable, with training going on and uploads "
+        "retried with backoff, before the job stops with exit status 75 (rerun it to resume).",
+        group="Loop and outputs", rule=POSITIVE_INTEGER, resumable=True)
     steps_per_epoch: int | None = option(
         None, "Cap on training steps per epoch, for smoke runs.", group="Loop and outputs",
         rule=(lambda value: value is None or value > 0, "must be at least 1 (leave it out for whole epochs)"),

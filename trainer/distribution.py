@@ -64,12 +64,12 @@ def cluster_environment() -> dict | None:
     None outside a cluster.
     """
     if os.environ.get("TF_CONFIG"):
-        return _parse_json("TF_CONFIG")
+        return _checked_cluster(_parse_json("TF_CONFIG"), "TF_CONFIG")
     if os.environ.get("CLUSTER_SPEC"):
-        return tf_config_from_cluster_spec(_parse_json("CLUSTER_SPEC"))
+        return _checked_cluster(tf_config_from_cluster_spec(_parse_json("CLUSTER_SPEC")), "CLUSTER_SPEC")
     if os.environ.get("WORKER_HOSTS") and os.environ.get("JOB_COMPLETION_INDEX"):
         hosts = [host.strip() for host in os.environ["WORKER_HOSTS"].split(",") if host.strip()]
-        index = int(os.environ["JOB_COMPLETION_INDEX"])
+        index = _task_index(os.environ["JOB_COMPLETION_INDEX"], "$JOB_COMPLETION_INDEX")
         if not 0 <= index < len(hosts):
             raise UsageError(f"$JOB_COMPLETION_INDEX={index} is outside $WORKER_HOSTS ({len(hosts)} hosts).")
         return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
@@ -83,8 +83,37 @@ def _parse_json(variable: str) -> dict:
         raise UsageError(f"${variable} is not valid JSON ({error}); it should describe the cluster and this task.") \
             from error
     if not isinstance(value, dict) or "cluster" not in value or "task" not in value:
-        raise UsageError(f"${variable} needs 'cluster' and 'task' entries, got {sorted(value)[:5]}.")
+        got = sorted(value)[:5] if isinstance(value, dict) else f"a JSON {type(value).__name__}"
+        raise UsageError(f"${variable} needs 'cluster' and 'task' entries, got {got}.")
+    if not isinstance(value["cluster"], dict) or not isinstance(value["task"], dict):
+        raise UsageError(f"${variable}: 'cluster' and 'task' must be JSON objects, got {value['cluster']!r} and "
+                         f"{value['task']!r}.")
     return value
+
+
+def _task_index(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise UsageError(f"{where}={value!r} must be a task index: a whole number from 0.")
+    return int(value)
+
+
+def _checked_cluster(tf_config: dict, variable: str) -> dict:
+    """A TF_CONFIG whose task exists in its cluster, or a UsageError naming the variable and what is wrong."""
+    cluster, task = tf_config["cluster"], tf_config["task"]
+    if not cluster or not all(isinstance(hosts, list) and hosts for hosts in cluster.values()):
+        raise UsageError(f"${variable} describes no cluster: each role needs a list of host:port addresses, got "
+                         f"{json.dumps(cluster)[:120]}.")
+    task_type = task.get("type")
+    if task_type == "evaluator":  # TensorFlow's side-car evaluator is the one task outside the cluster.
+        return tf_config
+    if task_type not in cluster:
+        raise UsageError(f"${variable}: the task's type {task_type!r} is not a role of the cluster "
+                         f"({', '.join(cluster)}).")
+    index = _task_index(task.get("index", 0), f"${variable} task index")
+    if index >= len(cluster[task_type]):
+        raise UsageError(f"${variable}: task index {index} is outside the cluster's {len(cluster[task_type])} "
+                         f"{task_type} task(s) (indices from 0).")
+    return {"cluster": cluster, "task": {**task, "type": task_type, "index": index}}
 
 
 def tf_config_from_cluster_spec(cluster_spec: dict) -> dict:
@@ -96,7 +125,8 @@ def tf_config_from_cluster_spec(cluster_spec: dict) -> dict:
     if role is None:
         raise UsageError(f"$CLUSTER_SPEC task type {task.get('type')!r} is not a Vertex AI worker pool "
                          f"({', '.join(VERTEX_POOL_ROLES)}).")
-    return {"cluster": cluster, "task": {"type": role, "index": int(task.get("index", 0))}}
+    return {"cluster": cluster, "task": {"type": role, "index": _task_index(task.get("index", 0),
+                                                                            "$CLUSTER_SPEC task index")}}
 
 
 def create_strategy(config: Config) -> tf.distribute.Strategy:

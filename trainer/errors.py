@@ -15,6 +15,11 @@ class TrainingError(Failure):
     """Training cannot go on (for example a NaN loss); the message names the step."""
 
 
+class TransientError(Exception):
+    """The world failed, not the input or the work: storage or the network stayed unreachable past the retry time.
+    Rerunning the same command later resumes from the last checkpoint, so launchers restart the job."""
+
+
 class Preempted(Exception):
     """The cluster saved a checkpoint because a worker is being terminated; rerun to resume."""
 

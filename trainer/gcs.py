@@ -7,11 +7,15 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 
 from absl import logging
 
+from trainer.errors import Failure
 from trainer.errors import TrainingError
+from trainer.errors import TransientError
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
@@ -25,9 +29,17 @@ RESUMABLE_CHUNK_BYTES = 8 * 1024 * 1024
 # A CRC32C mismatch means the bytes were damaged on the way (the client has already deleted the damaged object);
 # sending them again is safe, but a second mismatch points at something a retry will not fix.
 UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH = 2
-# Scratch files of the trainer that are never mirrored: non-chief checkpoint directories, staging
-# exports, temporary JSON/PNG files and write probes.
-SKIPPED = re.compile(r"(^|/)(\.worker-\d+-temp|export\.partial|\.tmp-[^/]*|\.write-check-[^/]*)(/|$)")
+# Scratch files of the trainer that are never mirrored: non-chief checkpoint directories, checkpoints being
+# written, staging exports, temporary JSON/PNG files and write probes.
+SKIPPED = re.compile(r"(^|/)(\.worker-\d+-temp|ckpt-\d+_temp[^/]*|export\.partial|\.tmp-[^/]*|\.write-check-[^/]*)"
+                     r"(/|$)")
+# Sent last in each pass, so the bucket never names what has not arrived: the checkpoint state file names the
+# checkpoint files, and metrics.json marks a finished run whose export is already there.
+SENT_LAST = ("metrics.json", CHECKPOINT_STATE)
+# How long a Cloud Storage outage may last before the job gives up (--storage_retry_seconds' default).
+RETRY_SECONDS = 600
+# Waits between attempts while Cloud Storage is unreachable: doubling from the first, up to the last.
+BACKOFF_SECONDS = (1.0, 30.0)
 
 
 def is_gcs(path: str | None) -> bool:
@@ -40,6 +52,50 @@ def split_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise UsageError(f"{uri} names no bucket; use gs://BUCKET/PATH.")
     return bucket, prefix.strip("/")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage error is the world's (unreachable, overloaded, timed out) and worth retrying, rather than
+    the request's (no such bucket, no permission), which fails the same way every time."""
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    import requests
+
+    return isinstance(error, (api_exceptions.ServerError, api_exceptions.TooManyRequests, api_exceptions.RetryError,
+                              requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              auth_exceptions.TransportError, ConnectionError, TimeoutError))
+
+
+def retry_transient(action, what: str, retry_seconds: float):
+    """Calls action() until it succeeds, retrying transient storage errors with backoff for up to retry_seconds;
+    then raises TransientError naming `what`. Other errors pass through at once."""
+    began, wait = time.monotonic(), BACKOFF_SECONDS[0]
+    while True:
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001  (classified right below; the rest is re-raised)
+            if not is_transient(error):
+                raise
+            waited = time.monotonic() - began
+            if waited + wait > retry_seconds:
+                raise TransientError(outage_message(what, waited, error)) from error
+            logging.warning("%s: Cloud Storage is unreachable (%s); retrying in %.0f s.", what,
+                            service_reason(error, 160), wait)
+            time.sleep(wait)
+            wait = min(wait * 2, BACKOFF_SECONDS[1])
+
+
+def outage_message(what: str, seconds: float, error: BaseException) -> str:
+    return (f"{what}: Cloud Storage stayed unreachable for {seconds:.0f} s ({service_reason(error, 160)}). "
+            "This is transient: rerun the same command later and it resumes from the last checkpoint in the "
+            "bucket (--storage_retry_seconds sets how long to wait).")
+
+
+def client_retry(retry_seconds: float):
+    """The client's own retry policy for one request, bounded by the job's retry time."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_deadline(min(120.0, retry_seconds))
 
 
 def service_reason(error: Exception, limit: int = 200) -> str:
@@ -65,9 +121,10 @@ class Mirror:
     sync are sent, and remote checkpoints the local CheckpointManager has dropped are deleted.
     """
 
-    def __init__(self, roots: list[Root], client=None):
+    def __init__(self, roots: list[Root], client=None, retry_seconds: float = RETRY_SECONDS):
         self.roots = roots
         self._client = client
+        self.retry_seconds = retry_seconds
         self._synced: dict[str, tuple[int, int]] = {}  # Local path -> (size, mtime_ns) when last synced.
 
     @property
@@ -95,21 +152,27 @@ class Mirror:
         for root in self.roots:
             bucket_name, prefix = split_uri(root.remote)
             try:
-                if self.client.lookup_bucket(bucket_name, timeout=30) is None:
-                    raise UsageError(f"{root.remote}: bucket gs://{bucket_name} does not exist; create it "
-                                     f"(gcloud storage buckets create gs://{bucket_name}) or pick another.")
-                if write:
-                    probe = self.client.bucket(bucket_name).blob(posixpath.join(prefix, f".write-check-{uuid.uuid4()}"))
-                    probe.upload_from_string(b"", timeout=30)
-                    probe.delete(timeout=30)
+                retry_transient(lambda: self._check_bucket(bucket_name, prefix, root, write),
+                                f"{root.remote}: checking the bucket", self.retry_seconds)
             except api_exceptions.Forbidden as error:
                 raise UsageError(f"{root.remote}: no permission to {'write' if write else 'read'} gs://{bucket_name} "
                                  f"({service_reason(error)}).") from error
-            except (api_exceptions.GoogleAPIError, OSError) as error:
-                raise UsageError(f"{root.remote}: cannot reach Cloud Storage ({service_reason(error)}).") from error
+            except api_exceptions.GoogleAPIError as error:
+                raise UsageError(f"{root.remote}: Cloud Storage refused the request ({service_reason(error)}).") \
+                    from error
+
+    def _check_bucket(self, bucket_name: str, prefix: str, root: Root, write: bool) -> None:
+        timeout = min(30.0, self.retry_seconds)
+        if self.client.lookup_bucket(bucket_name, timeout=timeout, retry=client_retry(self.retry_seconds)) is None:
+            raise UsageError(f"{root.remote}: bucket gs://{bucket_name} does not exist; create it "
+                             f"(gcloud storage buckets create gs://{bucket_name}) or pick another.")
+        if write:
+            probe = self.client.bucket(bucket_name).blob(posixpath.join(prefix, f".write-check-{uuid.uuid4()}"))
+            probe.upload_from_string(b"", timeout=timeout)
+            probe.delete(timeout=timeout)
 
     def restore(self) -> None:
-        """Fetches what a resumed run reads: the latest checkpoint and the top-level run files.
+        """Fetches what a resumed run reads: the kept checkpoints and the top-level run files.
 
         Cloud Storage is the truth: the local directories are emptied first, so every worker
         resumes from the same checkpoint.
@@ -118,16 +181,19 @@ class Mirror:
             shutil.rmtree(root.local, ignore_errors=True)
             os.makedirs(root.local, exist_ok=True)
         for root in self.roots:
-            for blob in self._list(root):
+            blobs = retry_transient(lambda: self._list(root), f"{root.remote}: listing the run", self.retry_seconds)
+            for blob in blobs:
                 relative = blob.name[len(split_uri(root.remote)[1]):].lstrip("/")
                 if self._wanted_for_restore(root, relative):
-                    self._download(blob, os.path.join(root.local, relative))
+                    retry_transient(lambda: self._download(blob, os.path.join(root.local, relative)),
+                                    f"{root.remote}: downloading {relative}", self.retry_seconds)
 
     def _wanted_for_restore(self, root: Root, relative: str) -> bool:
-        if "/" not in relative and relative.endswith((".json", CHECKPOINT_STATE)):
-            return self._nested_root_for(root, relative) is None
-        latest = self._latest_checkpoint(root)
-        return latest is not None and relative.startswith(latest + ".")
+        """Top-level JSON and checkpoint state, and every kept checkpoint (not just the newest, so that a damaged
+        one can be skipped for an older one: see checkpoints.CheckpointStore.restore_latest)."""
+        if "/" in relative or self._nested_root_for(root, relative) is not None:
+            return False
+        return relative.endswith((".json", CHECKPOINT_STATE)) or re.match(r"ckpt-\d+\.(index|data-)", relative)
 
     def _latest_checkpoint(self, root: Root) -> str | None:
         state = os.path.join(root.local, CHECKPOINT_STATE)
@@ -156,10 +222,8 @@ class Mirror:
             self._download(blob, os.path.join(local_dir, blob.name[len(prefix):].lstrip("/")[len(relative_dir) + 1:]))
 
     def _download(self, blob, path: str) -> None:
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        blob.download_to_filename(path, checksum="crc32c", retry=DEFAULT_RETRY)
+        blob.download_to_filename(path, checksum="crc32c", retry=client_retry(self.retry_seconds))
         stat = os.stat(path)
         self._synced[path] = (stat.st_size, stat.st_mtime_ns)
 
@@ -168,7 +232,10 @@ class Mirror:
         sent = 0
         for root in self.roots:
             for path in self._local_files(root):
-                stat = os.stat(path)
+                try:
+                    stat = os.stat(path)
+                except FileNotFoundError:  # A checkpoint the manager dropped while this pass ran.
+                    continue
                 if self._synced.get(path) == (stat.st_size, stat.st_mtime_ns):
                     continue
                 relative = os.path.relpath(path, root.local).replace(os.sep, "/")
@@ -185,7 +252,7 @@ class Mirror:
 
         for attempt in range(1, UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH + 1):
             try:
-                _send_file(self._blob(uri), path)
+                _send_file(self._blob(uri), path, client_retry(self.retry_seconds))
                 return
             except DataCorruption as error:
                 if attempt == UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH:
@@ -194,13 +261,16 @@ class Mirror:
                         from error
                 logging.warning("%s: CRC32C mismatch after the upload; sending it again.", uri)
 
-    def _local_files(self, root: Root):
+    def _local_files(self, root: Root) -> list[str]:
+        """The root's files to mirror, SENT_LAST files at the end."""
+        found = []
         for directory, subdirectories, files in os.walk(root.local):
             for name in sorted(files):
                 path = os.path.join(directory, name)
                 relative = os.path.relpath(path, root.local).replace(os.sep, "/")
                 if not SKIPPED.search(relative) and self._nested_root_for(root, relative) is None:
-                    yield path
+                    found.append(path)
+        return sorted(found, key=lambda path: os.path.basename(path) in SENT_LAST)
 
     def _delete_dropped_checkpoints(self, root: Root) -> None:
         state = os.path.join(root.local, CHECKPOINT_STATE)
@@ -217,18 +287,96 @@ class Mirror:
                 self._synced.pop(os.path.join(root.local, relative), None)
 
 
-def _send_file(blob, path: str) -> None:
-    from google.cloud.storage.retry import DEFAULT_RETRY
+class BackgroundUploader:
+    """Mirrors the run in a thread of its own, so that training goes on while Cloud Storage is unreachable.
 
+    `request` (after every checkpoint) asks for a pass of Mirror.upload; a pass that fails on a transient error is
+    retried with backoff, and every file it did not send is sent by the next one. The main thread learns of
+    trouble through `check`: an outage longer than retry_seconds is a TransientError, any other upload error
+    is raised as it came. `finish` waits until everything requested is in the bucket.
+    """
+
+    def __init__(self, mirror: Mirror, retry_seconds: float):
+        self.mirror, self.retry_seconds = mirror, retry_seconds
+        self._guard = threading.Lock()
+        self._wanted, self._idle, self._stopping = threading.Event(), threading.Event(), threading.Event()
+        self._idle.set()
+        self._failing_since: float | None = None
+        self._last_error: BaseException | None = None
+        self._fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gcs-mirror", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self.check()
+        with self._guard:
+            self._idle.clear()
+            self._wanted.set()
+
+    def check(self) -> None:
+        """Raises what stops the job: an outage past retry_seconds, or an upload error that is not transient."""
+        if self._fatal is not None:
+            raise self._fatal
+        failing_since, error = self._failing_since, self._last_error
+        if failing_since is not None and time.monotonic() - failing_since > self.retry_seconds:
+            raise TransientError(outage_message(self.mirror.roots[0].remote, time.monotonic() - failing_since,
+                                                error)) from error
+
+    def finish(self) -> None:
+        """Blocks until every requested pass has reached the bucket; raises as `check` does."""
+        self.request()
+        while not self._idle.wait(timeout=0.5):
+            self.check()
+        self.check()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._wanted.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        wait = BACKOFF_SECONDS[0]
+        while True:
+            self._wanted.wait()
+            if self._stopping.is_set():
+                return
+            self._wanted.clear()
+            try:
+                self.mirror.upload()
+            except Exception as error:  # noqa: BLE001  (the main thread raises it: see check)
+                if not is_transient(error):
+                    self._fatal = error if isinstance(error, (Failure, TransientError, UsageError)) else Failure(
+                        f"mirroring the run to {self.mirror.roots[0].remote} failed ({service_reason(error)}).")
+                    self._idle.set()
+                    return
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    logging.warning("Cloud Storage is unreachable (%s); training goes on, and the uploads are retried "
+                                    "for up to %.0f s.", service_reason(error, 160), self.retry_seconds)
+                self._last_error = error
+                self._stopping.wait(wait)
+                wait = min(wait * 2, BACKOFF_SECONDS[1])
+                self._wanted.set()
+                continue
+            if self._failing_since is not None:
+                logging.info("Cloud Storage is reachable again after %.0f s; the run is mirrored.",
+                             time.monotonic() - self._failing_since)
+            self._failing_since, self._last_error, wait = None, None, BACKOFF_SECONDS[0]
+            with self._guard:
+                if not self._wanted.is_set():
+                    self._idle.set()
+
+
+def _send_file(blob, path: str, retry) -> None:
     # Overwriting with identical content is safe to retry, so retry always.
     if os.path.getsize(path) <= RESUMABLE_CHUNK_BYTES:
-        blob.upload_from_filename(path, checksum="crc32c", retry=DEFAULT_RETRY)
+        blob.upload_from_filename(path, checksum="crc32c", retry=retry)
         return
     blob.chunk_size = RESUMABLE_CHUNK_BYTES
     with open(path, "rb") as file:
         # Given no size, the client cannot send the file in one request, so it opens a resumable session whatever
         # its own threshold for them (8 MiB in google-cloud-storage 3) is.
-        blob.upload_from_file(file, checksum="crc32c", retry=DEFAULT_RETRY)
+        blob.upload_from_file(file, checksum="crc32c", retry=retry)
 
 
 def local_working_dir(model_dir: str, task_type: str, task_id: int) -> str:

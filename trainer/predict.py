@@ -28,6 +28,10 @@ OUTPUTS = ("table", "csv", "json")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # A transparent pixel shows its background; training images had none, so assume the usual white page.
 BACKGROUND = (255, 255, 255)
+# Larger images are refused before they are decoded. The model sees a few thousand pixels, and a 50-megapixel photo
+# (the largest phone cameras') decodes in about a second; a small PNG can claim 13000x13000 pixels (1.6 GB and 11 s
+# to decode) while staying under Pillow's own bomb limit of 179 megapixels.
+MAX_PIXELS = 50_000_000
 
 FLAGS = cli.flag_registry()
 flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task (its --model_dir).",
@@ -42,22 +46,32 @@ def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     files, failures = [], []
     for path in paths:
         if os.path.isdir(path):
+            # Regular files only: opening a FIFO or a device named *.png would wait forever.
             found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-                           if name.lower().endswith(IMAGE_EXTENSIONS))
+                           if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name)))
             if not found:
                 failures.append((path, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
             files.extend(found)
-        elif os.path.exists(path):
+        elif os.path.isfile(path):
             files.append(path)  # Named explicitly, so tried whatever its extension.
+        elif os.path.exists(path):
+            failures.append((path, "not a regular file"))
         else:
             failures.append((path, "no such file or directory"))
     return list(dict.fromkeys(files)), failures
+
+
+class ImageTooLarge(ValueError):
+    """An image above MAX_PIXELS, refused before decoding."""
 
 
 def load_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     """The file as uint8 [H, W, C] at the model's input size, shrunk by area averaging like CIFAR's own downsampling."""
     height, width, channels = image_shape
     with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageTooLarge(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
+                             "limit for images to classify; shrink it first")
         image.draft("RGB" if channels == 3 else "L", (width, height))  # JPEG decodes at a reduced size: faster.
         image = ImageOps.exif_transpose(image)
         image = _eight_bit(image)
@@ -69,6 +83,12 @@ def load_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
         image = image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
         pixels = np.asarray(image, np.uint8)
     return pixels if channels == 3 else pixels[..., None]
+
+
+def printable(path: str) -> str:
+    """The path as text any terminal can show: bytes that are not UTF-8 (kept by Python as surrogates) become U+FFFD,
+    so a strict UTF-8 stdout never fails on them."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -84,7 +104,7 @@ class _Output:
     def __init__(self, kind: str, top_k: int, paths: list[str], class_names, stream=None):
         self.kind, self.top_k, self.stream = kind, top_k, stream or sys.stdout
         self.records = []
-        self.path_width = max(len("file"), *(len(path) for path in paths))
+        self.path_width = max(len("file"), *(len(printable(path)) for path in paths))
         self.class_width = max(len(name) for name in class_names)
         if kind == "csv":
             self.csv = csv.writer(self.stream)
@@ -95,6 +115,7 @@ class _Output:
             print(f"{'file':<{self.path_width}}  {'  '.join(columns).rstrip()}", file=self.stream)
 
     def row(self, path: str, predictions: list[tuple[str, float]]) -> None:
+        path = printable(path)
         if self.kind == "json":
             self.records.append({"path": path, "predictions": [
                 {"class": name, "probability": round(probability, 6)} for name, probability in predictions]})
@@ -125,7 +146,7 @@ def predict_files(classifier: runs.Classifier, files: list[str], *, top_k: int, 
                 batch_paths.append(path)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 failures.append((path, _reason(error)))
-                print(f"error: {path}: {failures[-1][1]}", file=sys.stderr)
+                print(f"error: {printable(path)}: {failures[-1][1]}", file=sys.stderr)
         if images:
             probabilities = classifier.probabilities(np.stack(images))
             for path, row in zip(batch_paths, probabilities):
@@ -139,6 +160,8 @@ def predict_files(classifier: runs.Classifier, files: list[str], *, top_k: int, 
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, ImageTooLarge):
+        return str(error)
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image file Pillow can read (PNG or JPEG expected)"
     return f"cannot decode the image ({one_line(error, 200)})"
@@ -160,7 +183,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--top_k={FLAGS.top_k} is more than the model's {len(classifier.class_names)} classes.")
     files, failures = find_images(paths)
     for path, reason in failures:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(f"error: {printable(path)}: {reason}", file=sys.stderr)
     if files:
         output = _Output(FLAGS.output, FLAGS.top_k, files, classifier.class_names)
         failures += predict_files(classifier, files, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size, output=output)

@@ -42,17 +42,27 @@ def run_metrics(config, steps, state, final: dict, *, fingerprint: str, throughp
         "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
         "eval_split": config.eval_split, "epochs_completed": len(history),
         "best_epoch": int(state.best_epoch.numpy()) if config.early_stopping_patience else len(history),
-        "train_images_per_second": throughput.images_per_second,
+        "train_images_per_second": throughput.images_per_second or _epochs_images_per_second(history),
         "train_seconds": float(state.train_seconds.numpy()), "session_seconds": session_seconds,
         "history": history, "class_names": list(steps.info.class_names), "dataset": steps.info.name,
         "num_parameters": int(steps.model.count_params()), "precision": steps.precision,
         "strategy": type(steps.strategy).__name__, "num_replicas": steps.num_replicas,
         "flags": config.to_dict(), "weights_fingerprint": fingerprint,
+        # The checkpoint these outputs come from: a rerun compares it with the newest checkpoint.
+        "checkpoint_step": int(state.global_step.numpy()),
         "phases": [{"name": phase.name, "epochs": [phase.first_epoch + 1, phase.end_epoch],
                     "trainable_variables": len(phase.variables),
                     "trainable_parameters": int(sum(np.prod(variable.shape) for variable in phase.variables))}
                    for phase in steps.phases],
     }
+
+
+def _epochs_images_per_second(history: list[dict]) -> float | None:
+    """The epochs' own rates, for a session that trained no step (it only completed the outputs); the first epoch
+    includes tracing, so it counts only when it is the only one."""
+    rates = [entry["images_per_second"] for entry in history if entry.get("images_per_second")]
+    rates = rates[1:] if len(rates) > 1 else rates
+    return float(np.mean(rates)) if rates else None
 
 
 def write_metrics(path: str, metrics: dict) -> None:

@@ -1,9 +1,13 @@
 """The run directory: its layout (local or gs://), safe writes, and checks before a run writes anything."""
 
+import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 
 from absl import logging
@@ -11,7 +15,9 @@ from absl import logging
 from trainer import config as config_lib
 from trainer import distribution
 from trainer import gcs
+from trainer.errors import Failure
 from trainer.errors import UsageError
+from trainer.errors import one_line
 
 CONFIG_FILE = "config.json"
 
@@ -55,11 +61,12 @@ def run_locations(model_dir: str) -> dict[str, str]:
     return {name: location.rstrip("/") for name, location in locations.items()}
 
 
-def open_run(model_dir: str, task_id: int, task_type: str | None = None) -> tuple[RunPaths, gcs.Mirror | None]:
+def open_run(model_dir: str, task_id: int, task_type: str | None = None,
+             retry_seconds: float = gcs.RETRY_SECONDS) -> tuple[RunPaths, gcs.Mirror | None]:
     """The local paths the trainer writes to and, for gs:// locations, the mirror that uploads them.
 
     task_type is this process's role in its cluster (chief, worker); by default it is read from the cluster
-    environment, as the strategy read it.
+    environment, as the strategy read it. retry_seconds is how long the mirror rides out a Cloud Storage outage.
     """
     locations = run_locations(model_dir)
     if not any(gcs.is_gcs(location) for location in locations.values()):
@@ -72,7 +79,7 @@ def open_run(model_dir: str, task_id: int, task_type: str | None = None) -> tupl
     paths = RunPaths.under(local)
     mirror = gcs.Mirror([gcs.Root(paths.model_dir, locations["model"]),
                          gcs.Root(paths.checkpoint_dir, locations["checkpoints"]),
-                         gcs.Root(paths.log_dir, locations["logs"])])
+                         gcs.Root(paths.log_dir, locations["logs"])], retry_seconds=retry_seconds)
     return paths, mirror
 
 
@@ -152,14 +159,20 @@ def check_resume(paths: RunPaths, config: config_lib.Config) -> bool:
     """
     if not has_checkpoint(paths):
         return False
-    previous = read_json(paths.config_file)
+    try:
+        previous = read_json(paths.config_file)
+    except UsageError as error:
+        raise UsageError(f"{error} It records the flags the run started with, to check a rerun against them: put "
+                         "it back, or delete it to resume under the flags given now.") from error
     if previous is not None:
         check_resumable(previous, config, paths.model_dir)
     return True
 
 
 def has_checkpoint(paths: RunPaths) -> bool:
-    return os.path.exists(os.path.join(paths.checkpoint_dir, "checkpoint"))
+    """Whether the run has checkpoints, by their files: a lost or damaged state file does not make a run new."""
+    return (os.path.exists(os.path.join(paths.checkpoint_dir, "checkpoint"))
+            or bool(glob.glob(os.path.join(glob.escape(paths.checkpoint_dir), "ckpt-*.index"))))
 
 
 def check_resumable(previous: dict, config: config_lib.Config, model_dir: str) -> None:
@@ -173,11 +186,47 @@ def check_resumable(previous: dict, config: config_lib.Config, model_dir: str) -
 
 
 def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file; a damaged file is a UsageError naming it."""
     try:
-        with open(path) as file:
-            return json.load(file)
+        with open(path, "rb") as file:
+            value = json.loads(file.read())
     except FileNotFoundError:
         return None
+    except ValueError as error:  # Cut short, emptied, or not JSON (UnicodeDecodeError is a ValueError too).
+        raise UsageError(f"{path} is damaged: it does not hold the JSON object it should ({one_line(error, 120)}).") \
+            from error
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is damaged: it holds {type(value).__name__}, not the JSON object it should.")
+    return value
+
+
+# What a full disk looks like: TensorFlow's file writers raise ResourceExhaustedError, Python an OSError.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    import tensorflow as tf
+
+    return isinstance(error, tf.errors.ResourceExhaustedError) and any(
+        text in str(error) for text in ("No space left", "space", "quota", "File too large"))
+
+
+@contextlib.contextmanager
+def disk_space_guard(what: str, directory: str, leftovers: str | None = None):
+    """Turns a full disk while writing `what` into one line (exit status 1), removing the half-written files that
+    match the glob `leftovers` first; the files written before stay as they were."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        for path in glob.glob(leftovers) if leftovers else []:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        free = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
+        raise Failure(f"the disk of {directory} is full ({free / 2**20:.0f} MiB free) while writing {what}; "
+                      "free some space and rerun the same command: it resumes from the last checkpoint.") from error
 
 
 def write_json(path: str, payload) -> None:

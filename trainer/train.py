@@ -1,5 +1,6 @@
 """The training loop: phases and epochs, checkpoints, early stopping, and the run's outputs."""
 
+import contextlib
 import os
 import tempfile
 import time
@@ -21,10 +22,15 @@ from trainer import models
 from trainer import optimization
 from trainer import progress
 from trainer import reports
+from trainer import run_lock
 from trainer import storage
 from trainer import summaries
+from trainer import gcs
 from trainer.config import Config
 from trainer.errors import ClusterError
+from trainer.errors import Preempted
+from trainer.errors import UsageError
+from trainer.errors import one_line
 from trainer.steps import Phase
 from trainer.steps import Steps
 from trainer.steps import check_batch_size
@@ -40,18 +46,39 @@ def run(config: Config) -> dict:
     strategy = accelerators.create_strategy(config)
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     chief = distribution.is_chief(strategy)
-    paths, mirror = storage.open_run(config.model_dir, distribution.task_id(strategy))
-    if mirror is not None:
-        mirror.preflight(write=chief)
-        mirror.restore()
-    created_directories = storage.prepare_model_dir(paths)
+    paths, mirror = storage.open_run(config.model_dir, distribution.task_id(strategy),
+                                     retry_seconds=config.storage_retry_seconds)
+    with contextlib.ExitStack() as lock:
+        if mirror is not None:
+            mirror.preflight(write=chief)
+            # Before the restore, which empties the local working directory another launch may be using.
+            lock.enter_context(_run_lock(config, paths, mirror, chief))
+            mirror.restore()
+        created_directories = storage.prepare_model_dir(paths)
+        try:
+            if mirror is None:
+                lock.enter_context(_run_lock(config, paths, None, chief))
+            return _train(config, strategy, paths, mirror, started)
+        except BaseException:
+            # A run that fails before writing anything (say, ImageNet weights cannot be downloaded)
+            # leaves model_dir as it found it, not with empty folders that look like a run.
+            lock.close()  # Its lock file first: it may be all the folder holds.
+            storage.remove_if_empty(created_directories)
+            raise
+
+
+@contextlib.contextmanager
+def _run_lock(config: Config, paths: storage.RunPaths, mirror, chief: bool):
+    """Holds model_dir's run lock while the body runs. The chief takes it for the whole job: the other workers of
+    a multi-worker job write nothing shared, and one lock per worker would make them lock each other out."""
+    if not chief:
+        yield
+        return
+    lock = run_lock.acquire(config.model_dir, paths.model_dir, mirror, config.force_unlock)
     try:
-        return _train(config, strategy, paths, mirror, started)
-    except BaseException:
-        # A run that fails before writing anything (say, ImageNet weights cannot be downloaded)
-        # leaves model_dir as it found it, not with empty folders that look like a run.
-        storage.remove_if_empty(created_directories)
-        raise
+        yield
+    finally:
+        lock.release()
 
 
 def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunPaths, mirror, started: float) -> dict:
@@ -62,20 +89,57 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
     accelerators.log_devices(strategy, precision, distribution.resolve_jit_compile(config.jit_compile, strategy))
     try:
         with distribution.dtype_policy(precision):
-            steps = build_steps(config, strategy, precision, fresh=not resuming)
-            if chief and not resuming:
+            check_memory(config)
+            with out_of_memory_names_the_flags(config, "building the model"):
+                steps = build_steps(config, strategy, precision, fresh=not resuming)
+            if chief and not (resuming and os.path.exists(paths.config_file)):
                 storage.write_json(paths.config_file, config.to_dict())
-            # Only the chief uploads; it does so after every checkpoint and at the end.
-            upload = mirror.upload if mirror is not None and chief else None
-            trainer = Trainer(steps, paths, chief, upload)
-            with log_upload.live_logs(mirror if chief else None, paths.log_dir, trainer.summaries.flush,
-                                      config.log_upload_seconds):
-                return trainer.run(started)
+            # Only the chief uploads; it does so in the background after every checkpoint, and waits at the end.
+            uploader = gcs.BackgroundUploader(mirror, config.storage_retry_seconds) \
+                if mirror is not None and chief else None
+            try:
+                trainer = Trainer(steps, paths, chief, uploader)
+                with log_upload.live_logs(mirror if chief else None, paths.log_dir, trainer.summaries.flush,
+                                          config.log_upload_seconds):
+                    return trainer.run(started)
+            except Preempted:
+                if uploader is not None:
+                    uploader.finish()  # The preemption checkpoint must reach the bucket before the machine goes.
+                raise
+            finally:
+                if uploader is not None:
+                    uploader.close()
     except tf.errors.OpError as error:
         # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise ClusterError(error) from error
         raise
+
+
+def check_memory(config: Config) -> None:
+    """Refuses an --image_size whose resized batch alone would not fit in this host's memory, before anything is
+    loaded (an accelerator's memory is smaller still; out_of_memory_names_the_flags catches what gets past this)."""
+    if not config.image_size or not hasattr(os, "sysconf"):
+        return
+    needed = config.batch_size * config.image_size ** 2 * 3 * 4  # float32 RGB, every replica of this host.
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise UsageError(f"--image_size={config.image_size} with --batch_size={config.batch_size} needs "
+                         f"{needed / 2**30:,.0f} GiB for one batch of resized images alone, more than this machine's "
+                         f"{available / 2**30:,.0f} GiB; lower --image_size or --batch_size.")
+
+
+@contextlib.contextmanager
+def out_of_memory_names_the_flags(config: Config, doing: str):
+    """An out-of-memory error becomes one line naming the flags that set the memory a run needs."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as error:
+        if storage.is_disk_full(error):
+            raise
+        raise UsageError(f"out of memory while {doing} with --model={config.model} --image_size={config.image_size} "
+                         f"--batch_size={config.batch_size} ({one_line(error, 140)}); lower --image_size or "
+                         "--batch_size.") from error
 
 
 def build_steps(config: Config, strategy: tf.distribute.Strategy, precision: str, fresh: bool = True) -> Steps:
@@ -104,8 +168,8 @@ class Trainer:
     """Drives a run's phases and epochs over its Steps: checkpoints, early stopping, progress, summaries, and
     every output of the run. `run` resumes from the newest checkpoint in the run's directory."""
 
-    def __init__(self, steps: Steps, paths: storage.RunPaths, chief: bool, upload=None):
-        self.steps, self.paths, self.chief, self.upload = steps, paths, chief, upload
+    def __init__(self, steps: Steps, paths: storage.RunPaths, chief: bool, uploader: gcs.BackgroundUploader = None):
+        self.steps, self.paths, self.chief, self.uploader = steps, paths, chief, uploader
         self.config = steps.config
         self.state = checkpoints.TrainingState()
         self.early_stopping = early_stopping.EarlyStopping(
@@ -113,7 +177,8 @@ class Trainer:
         self.store = checkpoints.CheckpointStore(
             paths.checkpoint_dir, {**steps.checkpoint_objects(), "state": self.state,
                                    "best_weights": self.early_stopping.best_weights},
-            is_chief=chief, task_id=distribution.task_id(steps.strategy), after_save=upload)
+            is_chief=chief, task_id=distribution.task_id(steps.strategy),
+            after_save=uploader.request if uploader is not None else None)
         self.summaries = summaries.Summaries(paths.log_dir, enabled=chief)
         self.progress = progress.Progress(self.config.total_epochs, steps.steps_per_epoch)
         self.throughput = reports.Throughput()
@@ -125,11 +190,14 @@ class Trainer:
         self.store.restore_latest()
         state, config = self.state, self.config
         if int(state.epoch.numpy()) >= config.total_epochs:
-            finished = storage.read_json(self.paths.metrics_file)
+            finished = self._finished_outputs()
             if finished is not None:
                 logging.info("The run in %s already finished %d epochs; nothing to do.",
                              self.paths.model_dir, finished["epochs_completed"])
                 return finished
+            logging.info("The run in %s trained all its epochs, but its outputs are not from its last checkpoint (step "
+                         "%d); completing the final evaluation, export and metrics from it.", self.paths.model_dir,
+                         int(state.global_step.numpy()))
         else:
             self._start_summaries()
             guard = checkpoints.PreemptionGuard(self.steps.strategy, self.store)
@@ -141,6 +209,26 @@ class Trainer:
                 self.summaries.stop_profiler()
                 self.summaries.flush()
         return self.finish()
+
+    def _finished_outputs(self) -> dict | None:
+        """metrics.json when it was written from the checkpoint just restored, else None.
+
+        The run is finished when its outputs are: a job killed between its last checkpoint and the end of `finish`
+        leaves the outputs of an earlier session (or none), which must not pass for the final ones. metrics.json
+        is written last, after the export, and names the checkpoint step it came from.
+        """
+        try:
+            finished = storage.read_json(self.paths.metrics_file)
+        except UsageError as error:
+            logging.warning("%s Writing it again.", error)
+            return None
+        if finished is None:
+            return None
+        history = self.state.history
+        if "checkpoint_step" in finished:  # Older runs' metrics.json lack it; their epoch count must do.
+            if finished["checkpoint_step"] != int(self.state.global_step.numpy()):
+                return None
+        return finished if finished.get("epochs_completed") == len(history) else None
 
     def _start_summaries(self) -> None:
         step, config = int(self.state.global_step.numpy()), self.config
@@ -172,7 +260,8 @@ class Trainer:
             global_step = int(state.global_step.numpy())
             num_steps = self._steps_in_call(global_step, min(config.steps_per_loop,
                                                              steps.steps_per_epoch - step_in_epoch))
-            images, seconds, losses = self._train_call(phase, iterator, global_step, num_steps)
+            with out_of_memory_names_the_flags(config, f"training at step {global_step + 1}"):
+                images, seconds, losses = self._train_call(phase, iterator, global_step, num_steps)
             epoch_images, epoch_seconds = epoch_images + images, epoch_seconds + seconds
             step = int(state.global_step.numpy())
             self.summaries.scalars("train", step, {
@@ -245,7 +334,9 @@ class Trainer:
         self.progress.end_epoch(epoch, {**metrics, "images_per_second": images_per_second},
                                 self.config.total_epochs - int(state.epoch.numpy()))
         if self.chief:
-            reports.plot_history(self.paths.history_plot, state.history, self._title())
+            with storage.disk_space_guard("history.png", self.paths.model_dir,
+                                          leftovers=os.path.join(self.paths.model_dir, ".tmp-*")):
+                reports.plot_history(self.paths.history_plot, state.history, self._title())
 
     def _confusion_png(self, confusion: np.ndarray, when: str) -> bytes:
         with tempfile.TemporaryDirectory() as directory:
@@ -267,23 +358,29 @@ class Trainer:
         fingerprint = steps.weights_fingerprint()
         logging.info("Final weights fingerprint %s.", fingerprint)
         export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
-        with steps.evaluation_weights():
-            export.export_model(steps.model, steps.info.image_shape, steps.info.class_names, export_dir,
-                                tta=config.tta, tta_translate=config.tta_translate)
+        # export_model stages the SavedModel in export.partial and swaps it in whole; a full disk leaves the
+        # staging folder, which goes, and the previous export, which stays.
+        with storage.disk_space_guard("the export", self.paths.model_dir, leftovers=f"{export_dir}.partial"):
+            with steps.evaluation_weights():
+                export.export_model(steps.model, steps.info.image_shape, steps.info.class_names, export_dir,
+                                    tta=config.tta, tta_translate=config.tta_translate)
         if not self.chief:
             tf.io.gfile.rmtree(export_dir)
             return {}
         metrics = reports.run_metrics(config, steps, state, final, fingerprint=fingerprint, throughput=self.throughput,
                                       session_seconds=time.monotonic() - self.started)
-        reports.write_metrics(self.paths.metrics_file, metrics)
-        reports.plot_history(self.paths.history_plot, metrics["history"], self._title())
         step = int(state.global_step.numpy())
-        self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
-                                             "test_loss": metrics["test_loss"]})
-        self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png(confusion, "final"))
-        self.summaries.flush()
-        if self.upload is not None:
-            self.upload()
+        with storage.disk_space_guard("metrics.json and the charts", self.paths.model_dir,
+                                      leftovers=os.path.join(self.paths.model_dir, ".tmp-*")):
+            reports.plot_history(self.paths.history_plot, metrics["history"], self._title())
+            self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
+                                                 "test_loss": metrics["test_loss"]})
+            self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png(confusion, "final"))
+            self.summaries.flush()
+            # Last: metrics.json is what marks the run finished (see _finished_outputs).
+            reports.write_metrics(self.paths.metrics_file, metrics)
+        if self.uploader is not None:
+            self.uploader.finish()
         logging.info("Test accuracy %.4f, loss %.4f on %s. Outputs in %s.", metrics["test_accuracy"],
                      metrics["test_loss"], config.eval_split, config.model_dir)
         return metrics
