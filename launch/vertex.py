@@ -18,6 +18,7 @@ restarted (maintenance, a Spot VM's preemption), the whole job restarts (schedul
 the trainer resumes from its latest checkpoint. Flags after `--` go to the trainer unchanged.
 
 `python -m launch.vertex deploy ...` deploys a finished run to an endpoint instead: see launch/vertex_deploy.py.
+`python -m launch.vertex tune ...` tunes hyperparameters over trials of this job: see launch/vertex_tune.py.
 """
 
 import datetime
@@ -30,6 +31,7 @@ from absl import logging
 
 from launch import cloud
 from launch import vertex_deploy
+from launch import vertex_tune
 from trainer import cli
 
 TOPOLOGIES = {"one_gpu": "one_device", "multi_gpu": "mirrored", "multi_worker": "multi_worker_mirrored",
@@ -199,13 +201,18 @@ def check_tensorboard(tensorboard: str, region: str, service_account: str | None
                   "with the job's service account, which needs the roles storage.admin and aiplatform.user.")
 
 
-def main(argv: list[str]) -> None:
+def custom_job_request(argv: list[str]) -> dict:
+    """The CustomJob the flags and the trainer flags in `argv` ask for, checked (also each tuning trial's job)."""
     topology = FLAGS.topology
     job_name = check_flags(topology)
     trainer_args = cloud.trainer_flags(argv[1:], TOPOLOGIES[topology])
     environment = cloud.parse_environment("env", FLAGS.env)
     labels = cloud.parse_labels("labels", FLAGS.labels)
-    body = custom_job(job_name, trainer_args, environment, labels)
+    return custom_job(job_name, trainer_args, environment, labels)
+
+
+def main(argv: list[str]) -> None:
+    body = custom_job_request(argv)
     command = submit_command(FLAGS.project, FLAGS.region, body)
     if FLAGS.dry_run:
         cloud.print_dry_run(body, [command])
@@ -222,5 +229,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if vertex_deploy.requested(sys.argv):
         vertex_deploy.start()
+    elif vertex_tune.requested(sys.argv):
+        vertex_tune.start(custom_job_request)
     else:
         cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
