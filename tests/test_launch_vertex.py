@@ -166,6 +166,22 @@ def test_requests_parse_into_the_aiplatform_custom_job_message(flags):
     assert job.job_spec.worker_pool_specs[0].container_spec.image_uri.endswith(("-gpu", "-tpu"))
 
 
+@pytest.mark.parametrize("flags", [("--image=us-docker.pkg.dev/p/r/cifar-trainer:abc-cpu",),
+                                   ("--image=us-docker.pkg.dev/p/r/cifar-trainer:abc-gpu",
+                                    "--accelerator_type=NVIDIA_L4", "--endpoint=shared"),
+                                   ("--prebuilt",)], ids=["cpu", "gpu-existing-endpoint", "prebuilt"])
+def test_deploy_bodies_parse_into_the_aiplatform_messages(flags):
+    """launch.vertex deploy's model upload, endpoint and deployModel requests (launch/vertex_deploy.py)."""
+    result = run_task("deploy", "--project=my-project", "--model_dir=gs://my-bucket/runs/job/model", *flags,
+                      "--dry_run", module="launch.vertex", timeout=60)
+    assert result.returncode == 0, result.stderr
+    bodies = json.loads(result.stdout)
+    vertex_api.parse({"model": bodies["model"]}, "UploadModelRequest")
+    vertex_api.parse(bodies["deployModel"], "DeployModelRequest")
+    if bodies["endpoint"] is not None:
+        vertex_api.parse(bodies["endpoint"], "Endpoint")
+
+
 def test_the_message_check_catches_a_misplaced_field():
     body, _ = dry_run("--topology=tpu", f"--image={TPU_IMAGE}")
     body["jobSpec"]["workerPoolSpecs"][0]["tpuTopology"] = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"].pop(
