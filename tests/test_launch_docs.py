@@ -52,7 +52,7 @@ def test_launcher_commands_run_as_written(tmp_path):
     result = subprocess.run(["bash", "-c", script], cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     review = json.loads((checkout / "cifar-review.json").read_text())
-    assert [item["kind"] for item in review["items"]] == ["Service", "Job"]
+    assert (review["kind"], review["metadata"]["name"]) == ("JobSet", "cifar-review")
 
 
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
