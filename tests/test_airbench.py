@@ -121,3 +121,19 @@ def test_trains_through_the_trainer_with_whitening_fitted_to_the_training_split(
     np.testing.assert_allclose(whitening.kernel.numpy(), reference.kernel.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(whitening.mean.numpy(), reference.mean.numpy(), rtol=1e-5)
     assert np.abs(whitening.bias.numpy()).max() > 0
+
+
+def test_whitening_bias_stops_after_its_epochs(cifar_dir, tmp_path):
+    # Lookahead off: it would pull the frozen bias toward its slow copy, as it does in airbench94.
+    config = make_config(cifar_dir, tmp_path, model="airbench", train_split="train[:128]", eval_split="test[:64]",
+                         batch_size=64, steps_per_loop=2, epochs=3, optimizer="sgd", momentum=0.85, learning_rate=0.1,
+                         weight_decay=0.005, decay_biases=True, whiten_bias_epochs=1, brightness=0.0)
+    train.run(config)
+    biases = {}
+    for step in (2, 4, 6):  # The checkpoints after epochs 1, 2 and 3.
+        restored = build()
+        tf.train.Checkpoint(model=restored.model).read(str(tmp_path / "checkpoints" / f"ckpt-{step}")).expect_partial()
+        biases[step] = restored.model.get_layer("whitening").bias.numpy()
+    assert np.abs(biases[2]).max() > 0
+    np.testing.assert_array_equal(biases[4], biases[2])
+    np.testing.assert_array_equal(biases[6], biases[2])

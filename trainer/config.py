@@ -122,14 +122,26 @@ class Config:
     momentum: float = option(0.9, "Momentum for sgd (Nesterov).", group="Optimisation",
                              rule=(lambda value: 0 <= value < 1, "must be in [0, 1)"))
     weight_decay: float = option(
-        0.0, "Decoupled weight decay for adamw and sgd; it spares biases and BatchNorm.", group="Optimisation",
-        rule=ZERO_OR_MORE)
+        0.0, "Decoupled weight decay for adamw and sgd; it spares biases and BatchNorm unless --decay_biases.",
+        group="Optimisation", rule=ZERO_OR_MORE)
+    decay_biases: bool = option(
+        False, "Weight decay also shrinks biases and BatchNorm offsets (airbench94 decays its BatchNorm biases at "
+        "the kernels' rate).", group="Optimisation")
+    whiten_bias_epochs: int = option(
+        0, "airbench: train the whitening layer's bias for the first N epochs only, then freeze it (airbench94: 3); "
+        "0 trains it throughout.", group="Optimisation", rule=OFF_OR_MORE)
     lr_schedule: str = option(
         "constant", "Learning-rate schedule of each phase after the warmup: constant; cosine decay to zero; step "
         "(divide by 10 at 30%, 60% and 90%); onecycle (linear rise, for 20% of the phase without --warmup_epochs, "
         "then linear decay to zero).", group="Optimisation", choices=LR_SCHEDULES)
     warmup_epochs: float = option(0.0, "Linear learning-rate warmup from zero, in epochs.", group="Optimisation",
                                   rule=ZERO_OR_MORE)
+    lr_start_fraction: float = option(
+        0.0, "The warmup starts at this fraction of --learning_rate instead of near zero (airbench94: 0.2).",
+        group="Optimisation", rule=(lambda value: 0 <= value <= 1, "must be in [0, 1]"))
+    lr_end_fraction: float = option(
+        0.0, "onecycle decays to this fraction of --learning_rate instead of zero (airbench94: 0.07).",
+        group="Optimisation", rule=(lambda value: 0 <= value <= 1, "must be in [0, 1]"))
     label_smoothing: float = option(0.0, "Label smoothing of the training loss (0.1 is typical).",
                                     group="Optimisation", rule=(lambda value: 0 <= value < 1, "must be in [0, 1)"))
     clip_grad_norm: float = option(
@@ -362,6 +374,8 @@ def validate(config: Config) -> None:
     _require(not (config.alternating_flip and config.augment_views),
              "--alternating_flip and --augment_views both fix each example's flips; use one of them.")
     _validate_feature_cache(config)
+    _require(config.whiten_bias_epochs == 0 or config.model == "airbench",
+             f"--whiten_bias_epochs applies to --model=airbench only, not --model={config.model}.")
     _require(config.fine_tune_epochs == 0 or config.model == "resnet50",
              f"--fine_tune_epochs applies to --model=resnet50 only, not --model={config.model}.")
     _validate_weights(config)

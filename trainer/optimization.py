@@ -15,10 +15,12 @@ ONE_CYCLE_RISE = 0.2
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from zero to `peak`, then constant, cosine, step or linear ("onecycle") decay."""
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str = "constant",
+                 start_fraction: float = 0.0, end_fraction: float = 0.0):
         if decay == "onecycle" and warmup_steps == 0:
             warmup_steps = int(ONE_CYCLE_RISE * total_steps)
         self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+        self.start_fraction, self.end_fraction = start_fraction, end_fraction
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
@@ -31,23 +33,31 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             drops = tf.add_n([tf.cast(progress >= boundary, tf.float32) for boundary in STEP_DECAY_AT])
             after_warmup = peak * tf.pow(0.1, drops)
         elif self.decay == "onecycle":
-            after_warmup = peak * (1.0 - progress)
+            after_warmup = peak * (1.0 - (1.0 - self.end_fraction) * progress)
         else:
             after_warmup = peak
-        warming = peak * (step + 1.0) / tf.maximum(float(self.warmup_steps), 1.0)
+        if self.start_fraction:
+            # airbench94's warmup: a line from start_fraction * peak at step 0 to the peak at warmup_steps.
+            share = step / tf.maximum(float(self.warmup_steps), 1.0)
+            warming = peak * (self.start_fraction + (1.0 - self.start_fraction) * share)
+        else:
+            warming = peak * (step + 1.0) / tf.maximum(float(self.warmup_steps), 1.0)
         return tf.where(step < self.warmup_steps, warming, after_warmup)
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "decay": self.decay}
+                "decay": self.decay, "start_fraction": self.start_fraction, "end_fraction": self.end_fraction}
 
 
 def create_optimizer(name: str, schedule, *, momentum: float, weight_decay: float,
-                     precision: str) -> keras.optimizers.Optimizer:
+                     precision: str, decay_biases: bool = False) -> keras.optimizers.Optimizer:
     """The optimizer for one training phase; float16 gets dynamic loss scaling.
 
     Weight decay is decoupled (scaled by the learning rate, not added to the loss) and spares
-    biases and BatchNorm scales and offsets.
+    biases and BatchNorm scales and offsets, unless `decay_biases`: airbench94 decays its BatchNorm
+    offsets at the kernels' rate (per step, the same fraction; the offsets' 64x learning rate is not
+    applied to their decay). Only the whitening bias stays spared: airbench94 decays it too, but only
+    while it trains, and ours keeps no decay off once it is frozen (see --whiten_bias_epochs).
     """
     if name == "sgd":
         optimizer = keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True,
@@ -57,7 +67,7 @@ def create_optimizer(name: str, schedule, *, momentum: float, weight_decay: floa
     else:
         optimizer = keras.optimizers.Adam(schedule, weight_decay=weight_decay or None)
     if weight_decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        optimizer.exclude_from_weight_decay(var_names=["bias"] if decay_biases else ["bias", "gamma", "beta"])
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -89,10 +89,11 @@ class Steps:
             variables = list(self.model.trainable_variables)
             schedule = optimization.WarmupSchedule(
                 learning_rate, warmup_steps=int(config.warmup_epochs * self.steps_per_epoch),
-                total_steps=(end_epoch - first_epoch) * self.steps_per_epoch, decay=config.lr_schedule)
+                total_steps=(end_epoch - first_epoch) * self.steps_per_epoch, decay=config.lr_schedule,
+                start_fraction=config.lr_start_fraction, end_fraction=config.lr_end_fraction)
             optimizer = optimization.create_optimizer(
                 config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay,
-                precision=self.precision)
+                precision=self.precision, decay_biases=config.decay_biases)
             optimizer.build(variables)
             cached = config.cache_features and name == "train" and self.network.features is not None
             phases.append(Phase(name, first_epoch, end_epoch, variables, optimizer, set_trainable, cached))
@@ -190,6 +191,8 @@ class Steps:
             loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=self.config.batch_size)
             scaled_loss = optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
+        if self.config.whiten_bias_epochs:
+            gradients = self._freeze_whitening_bias(gradients, variables, step)
         if self.config.clip_grad_norm:
             gradients = optimization.clip_by_global_norm(gradients, self.config.clip_grad_norm, optimizer)
         optimizer.apply_gradients(zip(gradients, variables))
@@ -197,6 +200,22 @@ class Steps:
         # With mixed targets, accuracy counts the label that dominates the mix.
         self.train_accuracy.update_state(tf.argmax(targets, axis=-1), logits)
         return loss
+
+    def _freeze_whitening_bias(self, gradients: list, variables: list, step) -> list:
+        """airbench94 trains the whitening bias in its first --whiten_bias_epochs epochs only: no gradient after."""
+        frozen = step // self.steps_per_epoch >= self.config.whiten_bias_epochs
+        bias = self.model.get_layer("whitening").bias
+        return [tf.where(frozen, tf.zeros_like(gradient), gradient) if variable is bias else gradient
+                for gradient, variable in zip(gradients, variables)]
+
+    def stop_whitening_bias(self, phase: Phase) -> None:
+        """Zeroes the frozen whitening bias's momentum: with a zero gradient it would still drift on it, where
+        airbench94 skips the bias altogether (it is spared from weight decay too)."""
+        optimizer = getattr(phase.optimizer, "inner_optimizer", phase.optimizer)
+        bias = self.model.get_layer("whitening").bias
+        for slot in optimizer.variables:
+            if slot.path.endswith(f"{bias.path.replace('/', '_')}_momentum"):
+                slot.assign(tf.zeros_like(slot))
 
     def _phase_forward(self, phase: Phase):
         if not phase.cached:

@@ -255,6 +255,8 @@ class Trainer:
         self.progress.start_epoch()
         if int(state.step_in_epoch.numpy()) == 0:
             steps.reset_train_metrics()
+            if config.whiten_bias_epochs and epoch == config.whiten_bias_epochs:
+                steps.stop_whitening_bias(phase)
         epoch_images, epoch_seconds, since_checkpoint = 0, 0.0, 0
         while (step_in_epoch := int(state.step_in_epoch.numpy())) < steps.steps_per_epoch:
             global_step = int(state.global_step.numpy())
