@@ -1,10 +1,14 @@
 """--accelerator: a GPU or TPU job on a machine without one fails in one line naming the likely cause; device log."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
 
+from helpers import ROOT
 from helpers import fails_in_process
 from trainer import accelerators
 from trainer import config as config_lib
@@ -94,3 +98,12 @@ def test_start_up_log_names_the_devices_precision_and_xla(caplog):
     assert message.startswith(f"Training on 1 x CPU ({accelerators.cpu_model()}); precision mixed_bfloat16; XLA off; "
                               "tensorflow")
     assert accelerators.cpu_model() != "model unknown"  # Linux names its CPU in /proc/cpuinfo.
+
+
+def test_without_tpu_chips_libtpu_does_not_wait_for_a_metadata_server():
+    """tensorflow-tpu's libtpu would ask the Cloud TPU metadata server, for minutes, on a machine with no TPU; this
+    one has no /dev/accel* or /dev/vfio/N, so importing the package must tell it not to."""
+    environment = {name: value for name, value in os.environ.items() if name != "TPU_SKIP_MDS_QUERY"}
+    result = subprocess.run([sys.executable, "-c", "import os, trainer; print(os.environ.get('TPU_SKIP_MDS_QUERY'))"],
+                            capture_output=True, text=True, env={**environment, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert result.stdout.strip() == "1", result.stderr

@@ -46,9 +46,17 @@ Afterwards, the results tools and the prediction server:
   serving_metrics.py the server's Prometheus metrics
 """
 
+import glob
 import os
 
 # TensorFlow turns its oneDNN CPU kernels on only for CPUs with AVX-512/AMX-class features. On the
 # AVX2 CPUs measured here they train the cnn 1.3x faster (benchmarks/run.py), and TensorFlow
 # reads this only at import, so set it before anything imports TensorFlow. Export 0 to opt out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+# libtpu, which tensorflow-tpu loads as TensorFlow is imported, asks the Cloud TPU metadata server about the host,
+# 30 times for each of several settings: on a machine without a TPU (the TPU image on the wrong node, a laptop) the
+# import hangs for many minutes instead of reaching --accelerator's one-line error (measured with tensorflow-tpu
+# 2.20). A TPU host has its chips as /dev/accel* (or /dev/vfio/N); without them there is nothing to ask about.
+if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

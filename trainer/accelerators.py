@@ -48,6 +48,8 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
         if config.accelerator != "tpu":
             raise
         reason = one_line(error.__cause__ or error, 120)
+        if "Graph execution error" in reason:  # TensorFlow's wording for a failed TPU initialisation says no more.
+            reason = "initialising the TPU system failed"
         raise UsageError(f"--accelerator=tpu: no TPU answered at --tpu={config.tpu} ({reason}). Likely cause: "
                          f"{TPU_NOT_ATTACHED}") from error
     if config.accelerator == "tpu" and not isinstance(strategy, tf.distribute.TPUStrategy):
