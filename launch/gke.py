@@ -27,7 +27,6 @@ launch/gke_serve.py.
 import datetime
 import json
 import re
-import sys
 
 from absl import flags
 from absl import logging
@@ -315,7 +314,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if gke_serve.requested(sys.argv):
+    if cli.take_subcommand(gke_serve.SUBCOMMAND):
         gke_serve.start()
     else:
         cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

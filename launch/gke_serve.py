@@ -13,7 +13,6 @@ trainer.serve. With --dry_run the manifests are printed, so `... --dry_run | kub
 
 import json
 import re
-import sys
 
 from absl import flags
 from absl import logging
@@ -208,15 +207,7 @@ def main(argv: list[str]) -> None:
     print(f"deployment.apps/{FLAGS.name}")
 
 
-def requested(argv: list[str]) -> bool:
-    """Whether the command line asks for `serve`: a word among the launcher's own arguments (before `--`)."""
-    own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-    return SUBCOMMAND in own
-
 
 def start() -> None:
-    """Runs `python -m launch.gke serve ...` with the word `serve` taken out of the arguments."""
-    end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    position = sys.argv.index(SUBCOMMAND, 1, end)
-    sys.argv = sys.argv[:position] + sys.argv[position + 1:]
+    """Runs `python -m launch.gke serve ...` (the word already taken out by cli.take_subcommand)."""
     cli.start(main, FLAGS, USAGE, unknown_flag_hint=" (trainer.serve flags go after --)")

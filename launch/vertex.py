@@ -24,7 +24,6 @@ the trainer resumes from its latest checkpoint. Flags after `--` go to the train
 import datetime
 import json
 import os
-import sys
 
 from absl import flags
 from absl import logging
@@ -227,9 +226,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if vertex_deploy.requested(sys.argv):
+    if cli.take_subcommand(vertex_deploy.SUBCOMMAND):
         vertex_deploy.start()
-    elif vertex_tune.requested(sys.argv):
+    elif cli.take_subcommand(vertex_tune.SUBCOMMAND):
         vertex_tune.start(custom_job_request)
     else:
         cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

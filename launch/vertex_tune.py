@@ -14,7 +14,6 @@ writes under OUTPUT_DIR/JOB_NAME/TRIAL_ID. --parameter takes NAME:TYPE:VALUES, N
 
 import datetime
 import json
-import sys
 import types
 
 from absl import flags
@@ -139,16 +138,9 @@ def main(argv: list[str], custom_job_request) -> None:
     print(name)
 
 
-def requested(argv: list[str]) -> bool:
-    own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-    return SUBCOMMAND in own
-
 
 def start(custom_job_request) -> None:
-    """Runs `python -m launch.vertex tune ...` with the word `tune` taken out of the arguments."""
-    end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    position = sys.argv.index(SUBCOMMAND, 1, end)
-    sys.argv = sys.argv[:position] + sys.argv[position + 1:]
+    """Runs `python -m launch.vertex tune ...` (the word already taken out by cli.take_subcommand)."""
     define_flags(flags.FLAGS)
     default_name = f"cifar-tune-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     flags.FLAGS.set_default("job_name", default_name)

@@ -111,6 +111,17 @@ def _exit_with_error(error, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+def take_subcommand(word: str) -> bool:
+    """Whether the command line names the subcommand `word` among the entry point's own arguments (before `--`);
+    if it does, takes the word out of sys.argv, so that the subcommand's flags parse as any others."""
+    end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    if word not in sys.argv[1:end]:
+        return False
+    position = sys.argv.index(word, 1, end)
+    sys.argv = sys.argv[:position] + sys.argv[position + 1:]
+    return True
+
+
 def start(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues, usage: str,
           unknown_flag_hint: str = "") -> None:
     """What an entry point's `if __name__ == "__main__":` does: parse its flags, then `run` its main."""
