@@ -178,11 +178,11 @@ def benchmark_throughput() -> dict:
                 if jit and model in XLA_SKIPPED:
                     logging.info("throughput: %s with XLA skipped: %s", model, XLA_SKIPPED[model])
                     continue
-                steps = make_steps(model, precision, jit_compile=jit)
+                model_steps = make_steps(model, precision, jit_compile=jit)
                 steps = LOOP_STEPS[model][precision != "float32"]
                 medians = timed_rounds(
-                    {"real": loop_runner(steps, steps.training_iterator(steps.phases[0]), steps),
-                     "synthetic": loop_runner(steps, synthetic_iterator(steps), steps)},
+                    {"real": loop_runner(model_steps, model_steps.training_iterator(model_steps.phases[0]), steps),
+                     "synthetic": loop_runner(model_steps, synthetic_iterator(model_steps), steps)},
                     rounds=5, warmup_steps=steps)
                 rows.append({"model": model, "precision": precision, "jit_compile": jit, "steps_per_loop": steps,
                              "batch_size": BATCH_SIZE, **medians, "ratio": medians["real"] / medians["synthetic"]})
@@ -208,11 +208,11 @@ def benchmark_sweep() -> dict:
     """cnn images/s (the job's default precision, no XLA) against steps_per_loop and batch size."""
     rows = []
     for batch_size, steps_per_loop in ((128, 1), (128, 10), (128, 50), (128, 200), (64, 50), (256, 50), (512, 50)):
-        steps = make_steps("cnn", "auto", batch_size=batch_size)
-        iterator = steps.training_iterator(steps.phases[0])
-        medians = timed_rounds({"real": loop_runner(steps, iterator, steps_per_loop)}, rounds=3,
+        model_steps = make_steps("cnn", "auto", batch_size=batch_size)
+        iterator = model_steps.training_iterator(model_steps.phases[0])
+        medians = timed_rounds({"real": loop_runner(model_steps, iterator, steps_per_loop)}, rounds=3,
                                warmup_steps=steps_per_loop)
-        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop, "precision": steps.precision,
+        rows.append({"batch_size": batch_size, "steps_per_loop": steps_per_loop, "precision": model_steps.precision,
                      "images_per_second": medians["real"]})
         logging.info("sweep %s", rows[-1])
     return {"rows": rows}
@@ -223,15 +223,16 @@ def benchmark_fit() -> dict:
     augmentation), same process."""
     rows = []
     for model in MODELS:
-        steps = make_steps(model, "auto", augment=False)
+        model_steps = make_steps(model, "auto", augment=False)
         reference = make_steps(model, "auto", augment=False).model
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         batches = training_batches(50000).map(lambda images, labels: (tf.cast(images, tf.float32), labels))
         steps = LOOP_STEPS[model][0]
-        medians = timed_rounds({"ours": loop_runner(steps, steps.training_iterator(steps.phases[0]), steps),
+        medians = timed_rounds({"ours": loop_runner(model_steps, model_steps.training_iterator(model_steps.phases[0]),
+                                                    steps),
                                 "fit": fit_runner(reference, batches)}, warmup_steps=steps)
-        rows.append({"model": model, "precision": steps.precision, "batch_size": BATCH_SIZE, **medians,
+        rows.append({"model": model, "precision": model_steps.precision, "batch_size": BATCH_SIZE, **medians,
                      "ratio": medians["ours"] / medians["fit"]})
         logging.info("fit %s", rows[-1])
     return {"rows": rows}
