@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import readme  # noqa: E402
+from benchmarks.synthetic import synthetic_iterator  # noqa: E402
 from trainer import accelerators  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
@@ -49,7 +50,6 @@ flags.DEFINE_string("output", str(ROOT / "benchmarks" / "accelerator_check.json"
 flags.DEFINE_bool("update_readme", False, "Also put the rows in README.md's accelerator check section.",
                   flag_values=FLAGS)
 
-README_START, README_END = "<!-- accelerator-check:start -->", "<!-- accelerator-check:end -->"
 AIRBENCH_ANCHOR = "airbench94: 94.0% in 3.8 s on one A100 (its own PyTorch code)"
 
 
@@ -96,16 +96,6 @@ def mixed_precision(strategy: tf.distribute.Strategy) -> str:
     kind = accelerators.device_kind(strategy)
     return {"GPU": "mixed_float16", "TPU": "mixed_bfloat16"}.get(kind, "mixed_bfloat16")
 
-
-def synthetic_iterator(steps):
-    """The same batch over and over, already on the host: the input pipeline costs nothing."""
-    def batches(context):
-        per_replica = context.get_per_replica_batch_size(steps.config.batch_size)
-        random = np.random.default_rng(0)
-        images = random.integers(0, 256, (per_replica, *steps.info.image_shape), dtype=np.uint8)
-        labels = random.integers(0, steps.info.num_classes, (per_replica,), dtype=np.int32)
-        return tf.data.Dataset.from_tensors((images, labels, np.arange(per_replica, dtype=np.int64))).repeat()
-    return iter(steps.strategy.distribute_datasets_from_function(batches))
 
 
 def images_per_second(steps, iterator, plan: Plan) -> float:
@@ -256,11 +246,8 @@ def readme_rows(results: dict) -> list[str]:
 
 
 def update_readme(rows: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
     header = "| Accelerator check | Result | How | Measured |\n|---|---|---|---|\n"
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{header}{rows}{README_END}", text))
+    readme.replace_block("accelerator-check", header + rows)
 
 
 if __name__ == "__main__":

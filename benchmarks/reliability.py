@@ -30,10 +30,13 @@ import time
 
 from absl import flags
 
-from trainer import cli
-from trainer.errors import UsageError
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # Run as a script, it finds its sibling modules as the benchmarks package.
+
+from benchmarks import readme  # noqa: E402
+from trainer import cli  # noqa: E402
+from trainer.errors import UsageError  # noqa: E402
+
 FLAGS = flags.FLAGS
 # Flags of the job that the report describes, recorded with the results.
 JOB_FLAGS = ("interruptions", "epochs", "train_split", "eval_split", "checkpoint_steps", "steps_per_loop", "min_delay",
@@ -57,7 +60,6 @@ def define_flags() -> None:
     flags.DEFINE_string("output", str(ROOT / "benchmarks" / "reliability.json"), "Where the results go (JSON).")
     flags.DEFINE_bool("update_readme", False, "Replace the README's reliability block with this run's table.")
 
-README_START, README_END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 WORKERS = 2
 # An attempt that has not trained after this long is stuck; the benchmark gives up on it.
 ATTEMPT_TIMEOUT_SECONDS = 1800
@@ -244,16 +246,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
-    """Replaces only the text between the reliability markers, re-reading the file just before."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise SystemExit(f"README.md needs exactly one {README_START} and one {README_END}; not updated.")
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + table + text[end:])
-
-
 def main(argv):
     del argv
     if not 0 <= FLAGS.min_delay <= FLAGS.max_delay:
@@ -271,7 +263,7 @@ def main(argv):
     table = markdown(results)
     print(table)
     if FLAGS.update_readme:
-        update_readme(table)
+        readme.replace_block("reliability", table)
     if sigterm_losses(results):
         raise SystemExit(f"error: SIGTERM lost {sigterm_losses(results)} finished steps; it must lose none.")
 

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import re
 
 import keras
 import matplotlib
@@ -11,12 +10,12 @@ matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import readme  # noqa: E402
 from trainer import models  # noqa: E402
 from trainer import progress  # noqa: E402
 from trainer import recipes  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 FAST_CHART = "benchmarks/fast.png"
 TARGETS = (0.90, 0.94)
 
@@ -156,10 +155,7 @@ def plot_fast(results: dict, path: pathlib.Path) -> None:
 def update_readme(results: dict) -> None:
     if "fast" in results:
         plot_fast(results, ROOT / FAST_CHART)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{markdown(results)}{README_END}", text))
+    readme.replace_block("results", markdown(results))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from trainer import train  # noqa: E402
 from trainer.steps import Steps  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from benchmarks.synthetic import synthetic_iterator  # noqa: E402
 
 SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast")
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.")
@@ -120,24 +121,13 @@ def make_steps(model: str, precision: str = "float32", augment: bool = True, **o
         return train.build_steps(config, strategy, precision)
 
 
-def synthetic_iterator(steps: Steps):
-    """The same batch over and over, already in memory: the input pipeline costs nothing."""
-    def batches(context):
-        per_replica = context.get_per_replica_batch_size(steps.config.batch_size)
-        random = np.random.default_rng(0)
-        images = random.integers(0, 256, (per_replica, *steps.info.image_shape), dtype=np.uint8)
-        labels = random.integers(0, steps.info.num_classes, (per_replica,), dtype=np.int32)
-        return tf.data.Dataset.from_tensors((images, labels, np.arange(per_replica, dtype=np.int64))).repeat()
-    return iter(steps.strategy.distribute_datasets_from_function(batches))
-
-
-def loop_runner(steps: Steps, iterator, steps_per_loop: int = 50):
+def loop_runner(model_steps: Steps, iterator, steps_per_loop: int = 50):
     """Runs whole steps_per_loop calls; returns images trained."""
     def run(steps):
         calls = max(1, round(steps / steps_per_loop))
         for _ in range(calls):
-            steps.train(steps.phases[0], iterator, steps_per_loop)
-        return calls * steps_per_loop * steps.config.batch_size
+            model_steps.train(model_steps.phases[0], iterator, steps_per_loop)
+        return calls * steps_per_loop * model_steps.config.batch_size
     return run
 
 

@@ -28,8 +28,11 @@ import urllib.error
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # Run as a script, it finds its sibling modules as the benchmarks package.
+
+from benchmarks import readme  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "serving.json"
-README_START, README_END = "<!-- serving:start -->", "<!-- serving:end -->"
 NETWORKS = {
     "cnn": ["--model=cnn"],
     # The fast recipe's export averages 6 views per image (flips and 1-pixel shifts): what its users serve.
@@ -249,16 +252,6 @@ def goal_lines(cells: dict) -> list[str]:
     return lines
 
 
-def update_readme(table: str) -> None:
-    """Replaces only the text between the serving markers, re-reading the file just before."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise SystemExit(f"error: README.md needs exactly one {README_START} and one {README_END}; not updated.")
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + table + text[end:])
-
-
 def parse_arguments(argv: list[str]) -> dict:
     options = {"update_readme": False, "model_dirs": {}, "data_dir": os.environ.get("TFDS_DATA_DIR") or str(
         ROOT.parent / "shared" / "tensorflow_datasets")}
@@ -297,7 +290,7 @@ def main(argv: list[str]) -> None:
     table = markdown(results)
     print(table)
     if options["update_readme"]:
-        update_readme(table)
+        readme.replace_block("serving", table)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The benchmark script's bookkeeping: rerunning some models keeps the others' results."""
 
+import pytest
+
+from benchmarks import readme
 from benchmarks import run
 
 
@@ -23,3 +26,16 @@ def test_a_rerun_model_replaces_its_old_rows_and_skip():
                 "rows": [{"model": "resnet50", "jit_compile": False, "real": 2.0}]}
     merged = run.merge_throughput(previous, measured, ["resnet50"])
     assert [row["real"] for row in merged["rows"]] == [2.0] and merged["skipped"] == {"resnet50": "new reason"}
+
+
+def test_a_readme_block_is_replaced_between_its_own_markers_only(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("top\n<!-- a:start -->\nold a\n<!-- a:end -->\n<!-- b:start -->\nold b\n<!-- b:end -->\n")
+    readme.replace_block("a", "new a\n", path)
+    assert path.read_text() == "top\n<!-- a:start -->\nnew a\n<!-- a:end -->\n<!-- b:start -->\nold b\n<!-- b:end -->\n"
+    before = path.read_text()
+    for name in ("missing", "a"):  # No markers; then markers doubled.
+        if name == "a":
+            path.write_text(before + "<!-- a:start -->\n")
+        with pytest.raises(SystemExit, match="not updated"):
+            readme.replace_block(name, "x\n", path)
