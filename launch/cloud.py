@@ -123,6 +123,54 @@ def check_image_accelerator(image: str, accelerator: str) -> None:
             f"{accelerator}; build it with `python -m launch.build --accelerator={accelerator}`.")
 
 
+def check_image(image: str | None, accelerator: str) -> None:
+    """--image: given, a valid tagged reference, and built for the machines the job runs on."""
+    require(image is not None, "--image is required: the tagged image `python -m launch.build` printed.")
+    check_name("image", image, IMAGE_REFERENCE, 255)
+    check_image_accelerator(image, accelerator)
+
+
+# Kubernetes (launch.gke and launch.gke serve).
+
+GET_CREDENTIALS = "`gcloud container clusters get-credentials CLUSTER --location=LOCATION`"
+
+
+def check_kubernetes_target(namespace: str, context: str | None, service_account: str | None) -> None:
+    """--namespace, --context and --service_account: names Kubernetes and kubectl accept."""
+    check_name("namespace", namespace, DNS_1123_LABEL, 63)
+    if context is not None:
+        require(re.fullmatch(r"[^\s=]+", context) is not None, f"--context={context!r} is not a kubectl context name.")
+    if service_account is not None:
+        check_name("service_account", service_account, DNS_1123_SUBDOMAIN, 253)
+
+
+def kubectl(context: str | None, *arguments: str) -> tuple[str, ...]:
+    """A kubectl command line, in --context when one was given, else in kubectl's current context."""
+    return ("kubectl", *([f"--context={context}"] if context else []), *arguments)
+
+
+def check_kubectl_access(context: str | None, namespace: str, resource: str, kind: str) -> None:
+    """Before anything is applied: kubectl has a cluster, and its credentials may create `resource` (`kind` in
+    words, e.g. Jobs) in the namespace."""
+    check_context = ["kubectl", "config", "get-contexts", context, "--output=name"] if context else \
+        ["kubectl", "config", "current-context"]
+    current = check_output(check_context, f"kubectl has no context {context or '(no current context)'}; "
+                           f"run {GET_CREDENTIALS} and try again.")
+    failure = f"kubectl cannot check its permissions in context {current}"
+    result = run_check(list(kubectl(context, "auth", "can-i", "create", resource, f"--namespace={namespace}")),
+                       f"{failure}; run {GET_CREDENTIALS} and try again.")
+    answer = result.stdout.strip()
+    if answer == "yes":
+        return
+    if answer.startswith("no"):
+        raise CommandError(f"kubectl's credentials in context {current} may not create {kind} in "
+                           f"--namespace={namespace} (`kubectl auth can-i create {resource}` says no); ask the "
+                           "cluster's admin for a role that may (on GKE: roles/container.developer).")
+    reason = last_line(result.stderr) or f"exit status {result.returncode}"
+    raise CommandError(f"{failure} ({reason}); its credentials may have expired: run {GET_CREDENTIALS} "
+                       "and try again.")
+
+
 def join_gcs(*parts: str) -> str:
     return "/".join(part.strip("/") for part in parts)
 

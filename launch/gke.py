@@ -26,7 +26,6 @@ launch/gke_serve.py.
 
 import datetime
 import json
-import re
 
 from absl import flags
 from absl import logging
@@ -216,15 +215,9 @@ def manifests(job_name: str, trainer_args: list[str], environment: dict[str, str
             "items": [service(job_name), job(job_name, trainer_args, environment)]}
 
 
-def kubectl(*arguments: str) -> tuple[str, ...]:
-    return ("kubectl", *([f"--context={FLAGS.context}"] if FLAGS.context else []), *arguments)
-
-
 def check_flags() -> str:
     """Checks every flag that ends up in a name, label or resource; returns the job name."""
-    cloud.require(FLAGS.image is not None, "--image is required: the tagged image `python -m launch.build` printed.")
-    cloud.check_name("image", FLAGS.image, cloud.IMAGE_REFERENCE, 255)
-    cloud.check_image_accelerator(FLAGS.image, FLAGS.accelerator)
+    cloud.check_image(FLAGS.image, FLAGS.accelerator)
     cloud.require(FLAGS.output_dir is not None, "--output_dir is required: a gs:// folder for the job's outputs.")
     cloud.check_name("output_dir", FLAGS.output_dir, cloud.GCS_URI, 900)
     cloud.require(FLAGS.workers >= 1, f"--workers={FLAGS.workers} must be at least 1.")
@@ -233,12 +226,7 @@ def check_flags() -> str:
     last_pod = f"-{gke_jobset.REPLICATED_JOB}-0-{FLAGS.workers - 1}" if FLAGS.api == "jobset" else \
         f"-{FLAGS.workers - 1}"
     cloud.check_name("job_name", job_name, cloud.DNS_1035_LABEL, 63 - len(last_pod))
-    cloud.check_name("namespace", FLAGS.namespace, cloud.DNS_1123_LABEL, 63)
-    if FLAGS.context is not None:
-        cloud.require(re.fullmatch(r"[^\s=]+", FLAGS.context) is not None,
-                      f"--context={FLAGS.context!r} is not a kubectl context name.")
-    if FLAGS.service_account is not None:
-        cloud.check_name("service_account", FLAGS.service_account, cloud.DNS_1123_SUBDOMAIN, 253)
+    cloud.check_kubernetes_target(FLAGS.namespace, FLAGS.context, FLAGS.service_account)
     check_resources()
     return job_name
 
@@ -268,44 +256,19 @@ def check_resources() -> None:
                       f"--tpu_chips={FLAGS.tpu_chips}; one pod takes the whole single-host slice.")
 
 
-GET_CREDENTIALS = "`gcloud container clusters get-credentials CLUSTER --location=LOCATION`"
-
-
-def check_cluster_access() -> None:
-    """Before anything is applied: kubectl has a cluster, and its credentials may create Jobs in the namespace."""
-    check_context = ["kubectl", "config", "get-contexts", FLAGS.context, "--output=name"] if FLAGS.context else \
-        ["kubectl", "config", "current-context"]
-    context = cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; "
-                                 f"run {GET_CREDENTIALS} and try again.")
-    failure = f"kubectl cannot check its permissions in context {context}"
-    resource = "jobsets.jobset.x-k8s.io" if FLAGS.api == "jobset" else "jobs"
-    result = cloud.run_check(list(kubectl("auth", "can-i", "create", resource, f"--namespace={FLAGS.namespace}")),
-                             f"{failure}; run {GET_CREDENTIALS} and try again.")
-    answer = result.stdout.strip()
-    if answer == "yes":
-        return
-    if answer.startswith("no"):
-        raise cloud.CommandError(f"kubectl's credentials in context {context} may not create Jobs in "
-                                 f"--namespace={FLAGS.namespace} (`kubectl auth can-i create {resource}` says no); "
-                                 "ask the "
-                                 "cluster's admin for a role that may (on GKE: roles/container.developer).")
-    reason = cloud.last_line(result.stderr) or f"exit status {result.returncode}"
-    raise cloud.CommandError(f"{failure} ({reason}); its credentials may have expired: run {GET_CREDENTIALS} "
-                             "and try again.")
-
-
 def main(argv: list[str]) -> None:
     job_name = check_flags()
     strategy = strategy_name(FLAGS.workers, FLAGS.accelerator, FLAGS.gpus)
     trainer_args = cloud.trainer_flags(argv[1:], strategy)
     environment = cloud.parse_environment("env", FLAGS.env)
     document = manifests(job_name, trainer_args, environment)
-    apply = cloud.Command(kubectl("apply", "-f", "-"), stdin=json.dumps(document, indent=2),
+    apply = cloud.Command(cloud.kubectl(FLAGS.context, "apply", "-f", "-"), stdin=json.dumps(document, indent=2),
                           stdin_description="the manifests, printed above")
     if FLAGS.dry_run:
         cloud.print_dry_run(document, [apply])
         return
-    check_cluster_access()
+    cloud.check_kubectl_access(FLAGS.context, FLAGS.namespace,
+                               "jobsets.jobset.x-k8s.io" if FLAGS.api == "jobset" else "jobs", "Jobs")
     cloud.run(apply)
     selector = f"jobset.sigs.k8s.io/jobset-name={job_name}" if FLAGS.api == "jobset" else f"job-name={job_name}"
     logging.info("Follow it: kubectl logs --namespace=%s --follow --prefix --selector=%s "

@@ -143,23 +143,12 @@ def manifests(serve_args: list[str], environment: dict[str, str]) -> dict:
             "items": [deployment(serve_args, environment), service(), autoscaler()]}
 
 
-def kubectl(*arguments: str) -> tuple[str, ...]:
-    return ("kubectl", *([f"--context={FLAGS.context}"] if FLAGS.context else []), *arguments)
-
-
 def check_flags() -> None:
-    cloud.require(FLAGS.image is not None, "--image is required: the tagged image `python -m launch.build` printed.")
-    cloud.check_name("image", FLAGS.image, cloud.IMAGE_REFERENCE, 255)
-    cloud.check_image_accelerator(FLAGS.image, FLAGS.accelerator)
+    cloud.check_image(FLAGS.image, FLAGS.accelerator)
     cloud.require(FLAGS.model_dir is not None, "--model_dir is required: the gs:// directory of a finished run.")
     cloud.check_name("model_dir", FLAGS.model_dir, cloud.GCS_URI, 900)
     cloud.check_name("name", FLAGS.name, cloud.DNS_1035_LABEL, 63)
-    cloud.check_name("namespace", FLAGS.namespace, cloud.DNS_1123_LABEL, 63)
-    if FLAGS.context is not None:
-        cloud.require(re.fullmatch(r"[^\s=]+", FLAGS.context) is not None,
-                      f"--context={FLAGS.context!r} is not a kubectl context name.")
-    if FLAGS.service_account is not None:
-        cloud.check_name("service_account", FLAGS.service_account, cloud.DNS_1123_SUBDOMAIN, 253)
+    cloud.check_kubernetes_target(FLAGS.namespace, FLAGS.context, FLAGS.service_account)
     cloud.require(FLAGS.replicas >= 1, f"--replicas={FLAGS.replicas} must be at least 1.")
     cloud.require(FLAGS.max_replicas >= FLAGS.replicas, f"--max_replicas={FLAGS.max_replicas} must be at least "
                   f"--replicas={FLAGS.replicas}.")
@@ -173,33 +162,17 @@ def check_flags() -> None:
         cloud.check_name("gpu_type", FLAGS.gpu_type, cloud.KUBERNETES_LABEL_VALUE, 63)
 
 
-def check_cluster_access() -> None:
-    """Before anything is applied: kubectl has a cluster, and its credentials may create Deployments there."""
-    get_credentials = "`gcloud container clusters get-credentials CLUSTER --location=LOCATION`"
-    check_context = ["kubectl", "config", "get-contexts", FLAGS.context, "--output=name"] if FLAGS.context else \
-        ["kubectl", "config", "current-context"]
-    context = cloud.check_output(check_context, f"kubectl has no context {FLAGS.context or '(no current context)'}; "
-                                 f"run {get_credentials} and try again.")
-    result = cloud.run_check(list(kubectl("auth", "can-i", "create", "deployments", f"--namespace={FLAGS.namespace}")),
-                             f"kubectl cannot check its permissions in context {context}; run {get_credentials}.")
-    if result.stdout.strip() != "yes":
-        reason = cloud.last_line(result.stderr) or result.stdout.strip() or f"exit status {result.returncode}"
-        raise cloud.CommandError(f"kubectl's credentials in context {context} may not create Deployments in "
-                                 f"--namespace={FLAGS.namespace} ({reason}); on GKE they need "
-                                 "roles/container.developer.")
-
-
 def main(argv: list[str]) -> None:
     check_flags()
     serve_args = serve_flags(argv[1:])
     environment = cloud.parse_environment("env", FLAGS.env)
     document = manifests(serve_args, environment)
-    apply = cloud.Command(kubectl("apply", "-f", "-"), stdin=json.dumps(document, indent=2),
+    apply = cloud.Command(cloud.kubectl(FLAGS.context, "apply", "-f", "-"), stdin=json.dumps(document, indent=2),
                           stdin_description="the manifests, printed above")
     if FLAGS.dry_run:
         cloud.print_dry_run(document, [apply])
         return
-    check_cluster_access()
+    cloud.check_kubectl_access(FLAGS.context, FLAGS.namespace, "deployments", "Deployments")
     cloud.run(apply)
     logging.info("Follow it: kubectl rollout status --namespace=%s deployment/%s; try it: kubectl port-forward "
                  "--namespace=%s service/%s 8080:%d, then open http://127.0.0.1:8080/", FLAGS.namespace, FLAGS.name,

@@ -161,9 +161,7 @@ def check_flags(topology: str) -> str:
     cloud.require(FLAGS.project is not None, "--project is required (or set $GOOGLE_CLOUD_PROJECT).")
     cloud.check_name("project", FLAGS.project, cloud.PROJECT_ID)
     cloud.check_name("region", FLAGS.region, cloud.REGION)
-    cloud.require(FLAGS.image is not None, "--image is required: the tagged image `python -m launch.build` printed.")
-    cloud.check_name("image", FLAGS.image, cloud.IMAGE_REFERENCE, 255)
-    cloud.check_image_accelerator(FLAGS.image, "tpu" if topology == "tpu" else "gpu")
+    cloud.check_image(FLAGS.image, "tpu" if topology == "tpu" else "gpu")
     cloud.require(FLAGS.output_dir is not None, "--output_dir is required: a gs:// folder for the job's outputs.")
     cloud.check_name("output_dir", FLAGS.output_dir, cloud.GCS_URI, 900)
     job_name = FLAGS.job_name or f"cifar-{topology.replace('_', '-')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"

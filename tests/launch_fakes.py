@@ -58,3 +58,21 @@ class FakeTools:
 def printed_commands(stderr: str) -> list[list[str]]:
     """The `+ command` lines a launcher printed, split back into argument lists."""
     return [shlex.split(line[2:], comments=True) for line in stderr.splitlines() if line.startswith("+ ")]
+
+
+# The start of a script for the Google Cloud SDK's own Python: `unknown(message, path)` lists the fields of a
+# request body that Vertex AI's API schema does not know (a misspelled or misplaced field), recursively.
+GCLOUD_UNKNOWN_FIELDS = """
+import json, sys
+from apitools.base.py import encoding
+from googlecloudsdk.generated_clients.apis.aiplatform.v1 import aiplatform_v1_messages as messages
+
+def unknown(message, path):
+    found = [f"{path}.{name}" for name in message.all_unrecognized_fields()]
+    for field in message.all_fields():
+        values = getattr(message, field.name)
+        for value in values if field.repeated else [values]:
+            if hasattr(value, "all_unrecognized_fields"):
+                found += unknown(value, f"{path}.{field.name}")
+    return found
+"""

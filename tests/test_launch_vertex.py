@@ -11,6 +11,7 @@ import pytest
 
 from helpers import run_task
 from helpers import single_error_line
+from launch_fakes import GCLOUD_UNKNOWN_FIELDS
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 import vertex_api
@@ -117,20 +118,7 @@ def test_tensorboard_and_labels():
     assert "--labels=topology=one_gpu,team=vision,experiment=lr_sweep" in commands[0]
 
 
-VALIDATE_WITH_GCLOUD = """
-import json, sys
-from apitools.base.py import encoding
-from googlecloudsdk.generated_clients.apis.aiplatform.v1 import aiplatform_v1_messages as messages
-
-def unknown(message, path):
-    found = [f"{path}.{name}" for name in message.all_unrecognized_fields()]
-    for field in message.all_fields():
-        values = getattr(message, field.name)
-        for value in values if field.repeated else [values]:
-            if hasattr(value, "all_unrecognized_fields"):
-                found += unknown(value, f"{path}.{field.name}")
-    return found
-
+VALIDATE_WITH_GCLOUD = GCLOUD_UNKNOWN_FIELDS + """
 for body in json.load(sys.stdin):
     print(json.dumps(unknown(encoding.DictToMessage(body, messages.GoogleCloudAiplatformV1CustomJob), "customJob")))
 """

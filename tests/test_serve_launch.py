@@ -12,6 +12,7 @@ import pytest
 from helpers import fails_in_process
 from helpers import run_task
 from helpers import single_error_line
+from launch_fakes import GCLOUD_UNKNOWN_FIELDS
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 from launch import gke_serve
@@ -96,20 +97,7 @@ def test_vertex_prebuilt_serves_the_export_with_no_code_of_ours():
     assert deploy_model[4] == "shared-endpoint"
 
 
-VALIDATE_WITH_GCLOUD = """
-import json, sys
-from apitools.base.py import encoding
-from googlecloudsdk.generated_clients.apis.aiplatform.v1 import aiplatform_v1_messages as messages
-
-def unknown(message, path):
-    found = [f"{path}.{name}" for name in message.all_unrecognized_fields()]
-    for field in message.all_fields():
-        values = getattr(message, field.name)
-        for value in values if field.repeated else [values]:
-            if hasattr(value, "all_unrecognized_fields"):
-                found += unknown(value, f"{path}.{field.name}")
-    return found
-
+VALIDATE_WITH_GCLOUD = GCLOUD_UNKNOWN_FIELDS + """
 kinds = {"model": messages.GoogleCloudAiplatformV1Model, "endpoint": messages.GoogleCloudAiplatformV1Endpoint,
          "deployModel": messages.GoogleCloudAiplatformV1DeployModelRequest}
 for bodies in json.load(sys.stdin):
