@@ -94,8 +94,8 @@ class CheckpointStore:
                                 path, len(skipped))
                 if self.is_chief:
                     # Later saves must neither count the damaged ones as kept nor make them the latest.
-                    intact = [older for older in candidates[len(skipped):] if checkpoint_damage(older) is None]
-                    write_state_file(self.directory, path, list(reversed(intact[:self.max_to_keep])))
+                    kept = [path, *self._intact(candidates[len(skipped) + 1:], self.max_to_keep - 1)]
+                    write_state_file(self.directory, path, list(reversed(kept)))
                     self._open_managers()
             return path
         if skipped:
@@ -103,6 +103,17 @@ class CheckpointStore:
                              f"({'; '.join(skipped)[:300]}); nothing was changed. Move them aside to start the run "
                              "over, or give a new --model_dir.")
         return None
+
+    @staticmethod
+    def _intact(paths: list[str], count: int) -> list[str]:
+        """The first `count` of `paths` that read back whole (each one read only until enough are found)."""
+        intact = []
+        for path in paths:
+            if len(intact) == count:
+                break
+            if checkpoint_damage(path) is None:
+                intact.append(path)
+        return intact
 
     def _restore(self, path: str) -> None:
         try:

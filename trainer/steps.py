@@ -102,9 +102,8 @@ class Steps:
     def phase_of(self, epoch: int) -> Phase:
         return next(phase for phase in self.phases if phase.first_epoch <= epoch < phase.end_epoch)
 
-    def end_phase(self, phase: Phase) -> None:
+    def end_phase(self) -> None:
         """After a phase's last step: Lookahead ends the phase on its slow weights."""
-        del phase  # Every phase ends the same way; the argument says which one the caller ended.
         if self.lookahead is not None:
             self.lookahead.finish(self.strategy)
 

@@ -16,6 +16,7 @@ from trainer import data
 from trainer import distribution
 from trainer import early_stopping
 from trainer import export
+from trainer import gcs
 from trainer import hypertune
 from trainer import log_upload
 from trainer import models
@@ -25,7 +26,6 @@ from trainer import reports
 from trainer import run_lock
 from trainer import storage
 from trainer import summaries
-from trainer import gcs
 from trainer.config import Config
 from trainer.errors import ClusterError
 from trainer.errors import Preempted
@@ -278,7 +278,7 @@ class Trainer:
                 since_checkpoint = 0
             guard.check(step)
         if epoch + 1 == phase.end_epoch:
-            steps.end_phase(phase)
+            steps.end_phase()
         self.end_epoch(phase, epoch, epoch_images / max(epoch_seconds, 1e-9), epoch_seconds)
 
     def _train_call(self, phase: Phase, iterator, global_step: int, num_steps: int) -> tuple[int, float, np.ndarray]:
