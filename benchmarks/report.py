@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import sys
+import textwrap
 
 import keras
 import matplotlib
@@ -10,12 +12,14 @@ matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402
 import numpy as np  # noqa: E402
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # Run as a script, it finds its sibling modules as the benchmarks package.
+
 from benchmarks import readme  # noqa: E402
 from trainer import models  # noqa: E402
 from trainer import progress  # noqa: E402
 from trainer import recipes  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST_CHART = "benchmarks/fast.png"
 TARGETS = (0.90, 0.94)
 
@@ -126,13 +130,21 @@ def _training_speed(images_per_second: float, gflops: float) -> str:
             f"{images_per_second * gflops:,.0f} GFLOP/s")
 
 
+def _added_flags(command: str) -> str:
+    """The flags a fast run adds beyond the recipe, its epochs and warmup, as further legend lines ('' if none)."""
+    added = [argument for argument in command.split()[3:]
+             if argument.split("=")[0] not in ("--recipe", "--epochs", "--warmup_epochs")]
+    return "\n" + textwrap.fill("+ " + " ".join(added), 48, subsequent_indent="  ") if added else ""
+
+
 def plot_fast(results: dict, path: pathlib.Path) -> None:
     """Evaluation accuracy after each epoch of the fast recipe against wall time, with the final (TTA) result."""
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for run in results.get("fast", {}).get("runs", []):
         minutes = [entry["elapsed_seconds"] / 60 for entry in run["history"]]
         line, = axes.plot(minutes, [entry["eval_accuracy"] for entry in run["history"]], marker="o", markersize=4,
-                          label=f"--recipe=fast, {run['epochs']} epochs: {run['test_accuracy']:.2%}")
+                          label=f"--recipe=fast, {run['epochs']} epochs: {run['test_accuracy']:.2%}"
+                                f"{_added_flags(run['command'])}")
         axes.plot([run["wall_seconds"] / 60], [run["test_accuracy"]], marker="*", markersize=12,
                   color=line.get_color(), linestyle="none")
     # One legend entry says what the stars are, rather than one per run.
