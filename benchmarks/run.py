@@ -63,7 +63,12 @@ FAST_RUNS = {"fast": "--recipe=fast", "fast-12-epochs": "--recipe=fast --epochs=
              "fast-4-epochs": "--recipe=fast --epochs=4 --warmup_epochs=0.92",
              # The three differences benchmarks/parity.py found against airbench94, closed (issue 14).
              "fast-4-epochs-parity": "--recipe=fast --epochs=4 --warmup_epochs=0.92 --decay_biases "
-                                     "--lr_start_fraction=0.2 --lr_end_fraction=0.07 --whiten_bias_epochs=3"}
+                                     "--lr_start_fraction=0.2 --lr_end_fraction=0.07 --whiten_bias_epochs=3",
+             "fast-10-epochs-parity": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --decay_biases "
+                                      "--lr_start_fraction=0.2 --lr_end_fraction=0.07 --whiten_bias_epochs=3",
+             "fast-10-epochs-parity-seed-1": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --decay_biases "
+                                             "--lr_start_fraction=0.2 --lr_end_fraction=0.07 "
+                                             "--whiten_bias_epochs=3 --seed=1"}
 # Models whose XLA rows are left out, and why (it is said in the table too).
 XLA_SKIPPED = {"resnet50": "compiling its 10-step training loop took over 10 minutes on a 2-core CPU, and XLA is "
                            "slower than oneDNN for both other models"}
