@@ -99,7 +99,8 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     # Uncommitted code changes mark the commit; the files this script and others regenerate do not.
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md",
-                            ":!benchmarks/*.json"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+                            ":!benchmarks/*.json", ":!benchmarks/*.png", ":!docs/*.png"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {"date": datetime.date.today().isoformat(), "commit": commit.strip() + ("+changes" if dirty else ""),
             "cpu": cpu, "cores": os.cpu_count(), "avx512": any(flag.startswith("avx512") for flag in cpu_flags),
             "bf16": bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags)),
