@@ -309,7 +309,7 @@ def main(argv):
         if section in FLAGS.only:
             logging.info("Running %s.", section)
             measured = {**globals()[f"benchmark_{section}"](),
-                        "measured": {key: results["machine"][key] for key in ("date", "commit")}}
+                        "measured": {key: results["machine"][key] for key in ("date", "commit", "cpu")}}
             if section == "throughput":
                 measured = merge_throughput(results.get(section, {}), measured, FLAGS.models)
             if section == "fast":  # Likewise the runs not rerun, in FAST_RUNS' order.
