@@ -186,6 +186,9 @@ def plot_fast(results: dict, path: pathlib.Path) -> None:
         axes.axvline(goal_minutes, color="grey", linewidth=0.8, linestyle=":")
         axes.annotate(f"{target:.0%} goal: {goal_minutes} min", (goal_minutes, target), fontsize=8,
                       xytext=(4, -12), textcoords="offset points")
+    # Room on the right for the goals' labels.
+    longest = max((run["wall_seconds"] / 60 for run in results.get("fast", {}).get("runs", [])), default=0)
+    axes.set_xlim(0, max(36, 1.1 * longest))
     axes.set(xlabel="wall time (minutes, set-up included)", ylabel="test accuracy", ylim=(0.5, 0.96),
              title="CIFAR-10 from scratch on 2 CPU cores")
     axes.grid(alpha=0.3)
