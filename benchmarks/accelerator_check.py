@@ -71,7 +71,7 @@ class Plan:
 
 
 FULL = Plan(batch_per_device={"cnn": 256, "airbench": 256, "resnet50": 128}, image_size={}, steps_per_call=20,
-            rounds=3, round_seconds=2.0, fast_flags=dict(epochs=10, warmup_epochs=2.3), train_split="train",
+            rounds=3, round_seconds=2.0, fast_flags={}, train_split="train",
             xla_models=("cnn", "airbench", "resnet50"), mixed_models=("cnn", "airbench", "resnet50"),
             scaling_model="airbench", scaling_xla=True)
 # Every path once, cheaply, with the cnn (the fast recipe trains airbench): each model's build would add tens of

@@ -1,5 +1,6 @@
 """Training features: schedules, weight decay, clipping across replicas, EMA, TTA, recipes, fine-tuning."""
 
+import json
 import os
 
 import keras
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import make_config
+from helpers import ROOT, make_config
+from trainer import cli
 from trainer import config as config_lib
 from trainer import models
 from trainer import optimization
@@ -164,6 +166,22 @@ def test_recipes_set_their_flags_and_explicit_flags_win():
     assert config.random_flip and config.brightness > 0
     tuned = config_lib.build_config(recipe="finetune", epochs=3, model_dir="unused")
     assert (tuned.model, tuned.weights, tuned.epochs, tuned.fine_tune_stages) == ("resnet50", "imagenet", 3, 5)
+
+
+def config_of_command(command: str) -> config_lib.Config:
+    """The configuration a `python -m trainer.task ...` command line resolves to."""
+    flag_values = cli.flag_registry()
+    config_lib.define_flags(flag_values)
+    flag_values(["trainer.task", *command.split()[3:], "--model_dir=unused"])
+    return config_lib.config_from_flags(flag_values)
+
+
+def test_the_fast_recipe_is_what_its_readme_rows_measured():
+    """The README's 10-epoch fast rows spell the parity options out; --recipe=fast must now mean exactly that."""
+    runs = {run["name"]: run for run in json.loads((ROOT / "benchmarks" / "results.json").read_text())["fast"]["runs"]}
+    for name, extra in (("fast-10-epochs-parity", ""), ("fast-10-epochs-parity-seed-1", " --seed=1")):
+        assert config_of_command(runs[name]["command"]) == config_of_command(
+            "python -m trainer.task --recipe=fast" + extra), name
 
 
 # Per recipe, what shrinks it to a few steps on this machine; everything else is the recipe's own.
