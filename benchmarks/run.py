@@ -60,28 +60,25 @@ LOOP_STEPS = {"cnn": (50, 50), "airbench": (10, 10), "resnet50": (10, 10)}
 # shorter schedule decays sooner and gets there in fewer epochs); the warmup stays 23% of the run. Each run
 # spells out the three options benchmarks/parity.py found against airbench94 (issue 14), so that its command
 # keeps its meaning whatever the recipe sets; --recipe=fast sets them on (tests/test_features.py).
-FAST_RUNS = {"fast-4-epochs-parity": "--recipe=fast --epochs=4 --warmup_epochs=0.92 --decay_biases "
-                                     "--lr_start_fraction=0.2 --lr_end_fraction=0.07 --whiten_bias_epochs=3",
-             "fast-10-epochs-parity": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --decay_biases "
-                                      "--lr_start_fraction=0.2 --lr_end_fraction=0.07 --whiten_bias_epochs=3",
-             "fast-10-epochs-parity-seed-1": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --decay_biases "
-                                             "--lr_start_fraction=0.2 --lr_end_fraction=0.07 "
-                                             "--whiten_bias_epochs=3 --seed=1",
-             # What each of the three cost: all off, then each one undone alone (seed 0).
-             "fast-10-epochs-none-of-the-three": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --nodecay_biases "
-                                                 "--lr_start_fraction=0 --lr_end_fraction=0 --whiten_bias_epochs=0",
-             "fast-10-epochs-without-bias-decay": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --nodecay_biases "
-                                                  "--lr_start_fraction=0.2 --lr_end_fraction=0.07 "
-                                                  "--whiten_bias_epochs=3",
-             "fast-10-epochs-without-schedule-ends": "--recipe=fast --epochs=10 --warmup_epochs=2.3 --decay_biases "
-                                                     "--lr_start_fraction=0 --lr_end_fraction=0 "
-                                                     "--whiten_bias_epochs=3",
-             "fast-10-epochs-without-whitening-window": "--recipe=fast --epochs=10 --warmup_epochs=2.3 "
-                                                        "--decay_biases --lr_start_fraction=0.2 "
-                                                        "--lr_end_fraction=0.07 --whiten_bias_epochs=0",
-             "fast-10-epochs-none-of-the-three-seed-1": "--recipe=fast --epochs=10 --warmup_epochs=2.3 "
-                                                        "--nodecay_biases --lr_start_fraction=0 "
-                                                        "--lr_end_fraction=0 --whiten_bias_epochs=0 --seed=1"}
+TEN_EPOCHS = "--recipe=fast --epochs=10 --warmup_epochs=2.3"
+PARITY_OPTIONS = {"bias-decay": ("--decay_biases", "--nodecay_biases"),  # name: (on, off)
+                  "schedule-ends": ("--lr_start_fraction=0.2 --lr_end_fraction=0.07",
+                                    "--lr_start_fraction=0 --lr_end_fraction=0"),
+                  "whitening-window": ("--whiten_bias_epochs=3", "--whiten_bias_epochs=0")}
+
+
+def parity_flags(undone=()) -> str:
+    """The three parity options, each on unless named in `undone`."""
+    return " ".join(off if name in undone else on for name, (on, off) in PARITY_OPTIONS.items())
+
+
+# What each of the three cost: all of them undone, then each one alone (seed 0).
+FAST_RUNS = {"fast-4-epochs-parity": f"--recipe=fast --epochs=4 --warmup_epochs=0.92 {parity_flags()}",
+             "fast-10-epochs-parity": f"{TEN_EPOCHS} {parity_flags()}",
+             "fast-10-epochs-parity-seed-1": f"{TEN_EPOCHS} {parity_flags()} --seed=1",
+             "fast-10-epochs-none-of-the-three": f"{TEN_EPOCHS} {parity_flags(PARITY_OPTIONS)}",
+             **{f"fast-10-epochs-without-{name}": f"{TEN_EPOCHS} {parity_flags([name])}" for name in PARITY_OPTIONS},
+             "fast-10-epochs-none-of-the-three-seed-1": f"{TEN_EPOCHS} {parity_flags(PARITY_OPTIONS)} --seed=1"}
 # Models whose XLA rows are left out, and why (it is said in the table too).
 XLA_SKIPPED = {"resnet50": "compiling its 10-step training loop took over 10 minutes on a 2-core CPU, and XLA is "
                            "slower than oneDNN for both other models"}
