@@ -168,6 +168,13 @@ def test_recipes_set_their_flags_and_explicit_flags_win():
     assert (tuned.model, tuned.weights, tuned.epochs, tuned.fine_tune_stages) == ("resnet50", "imagenet", 3, 5)
 
 
+def test_a_recipe_with_another_model_drops_its_airbench_only_setting():
+    config = config_lib.build_config(recipe="fast", model="cnn", model_dir="unused")
+    assert (config.model, config.whiten_bias_epochs, config.epochs) == ("cnn", 0, 10)
+    with pytest.raises(config_lib.UsageError, match="--whiten_bias_epochs applies to --model=airbench only"):
+        config_lib.build_config(recipe="fast", model="cnn", whiten_bias_epochs=3, model_dir="unused")
+
+
 def config_of_command(command: str) -> config_lib.Config:
     """The configuration a `python -m trainer.task ...` command line resolves to."""
     flag_values = cli.flag_registry()

@@ -322,6 +322,9 @@ def build_config(**values) -> Config:
         merged["weights"] = "imagenet" if merged["model"] == "resnet50" else "none"
     if merged["image_size"] is None:
         merged["image_size"] = DEFAULT_IMAGE_SIZE.get(merged["model"])
+    if "whiten_bias_epochs" not in values and merged["model"] != "airbench":
+        # Only airbench has a whitening layer: the fast recipe's window does not follow --model elsewhere.
+        merged["whiten_bias_epochs"] = 0
     if merged["fine_tune_learning_rate"] is None:
         merged["fine_tune_learning_rate"] = merged["learning_rate"] / 10
     if not merged["model_dir"]:
