@@ -107,7 +107,7 @@ def test_pods_find_each_other_by_the_names_jobset_gives_them():
     assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True,
                                          "subdomain": "cifar-test"}
     (container,) = pod_spec(jobset)["containers"]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     hosts = env["WORKER_HOSTS"].split(",")
     # JobSet names pod i JOBSET-REPLICATEDJOB-0-i in the JobSet's subdomain.
     assert hosts == [f"cifar-test-workers-0-{index}.cifar-test:2345" for index in range(3)]
