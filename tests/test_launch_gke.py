@@ -20,7 +20,8 @@ BASE = [f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifa
 # GKE's oldest and newest supported Kubernetes minor versions, as bundled with kubernetes-validate.
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 CONTEXT = "gke_my-project_us-central1_cifar"
-COLLECTIONS = {"Service": "/api/v1/namespaces/{namespace}/services", "Job": "/apis/batch/v1/namespaces/{namespace}/jobs",
+COLLECTIONS = {"Service": "/api/v1/namespaces/{namespace}/services",
+               "Job": "/apis/batch/v1/namespaces/{namespace}/jobs",
                "JobSet": "/apis/jobset.x-k8s.io/v1alpha2/namespaces/{namespace}/jobsets"}
 
 
