@@ -14,7 +14,7 @@ from trainer.errors import UsageError
 # Set by the launchers from their own flags; a trainer flag or --env entry may not override them.
 MANAGED_TRAINER_FLAGS = ("strategy", "accelerator", "tpu", "model_dir")
 MANAGED_ENVIRONMENT = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "CLUSTER_SPEC", "TF_CONFIG",
-                       "WORKER_HOSTS", "JOB_COMPLETION_INDEX")
+                       "WORKER_HOSTS", "JOB_COMPLETION_INDEX", "KUBERNETES_JOB_UID")
 ACCELERATORS = ("cpu", "gpu", "tpu")
 
 INSTALL_HINTS = {

@@ -26,6 +26,7 @@ launch/gke_serve.py.
 
 import datetime
 import json
+import time
 
 from absl import flags
 from absl import logging
@@ -34,8 +35,12 @@ from launch import cloud
 from launch import gke_jobset
 from launch import gke_serve
 from trainer import cli
+from trainer import run_lock
 
 CONTAINER = "trainer"
+SHARED_MEMORY = "dshm"
+# The Job controller's label on its pods: the Job's uid.
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.")
 flags.DEFINE_string("job_name", None, "Name of the Job and its Service, and of its output folder. Default: "
@@ -57,7 +62,8 @@ flags.DEFINE_integer("port", 2222, "Port the workers talk to each other on.")
 flags.DEFINE_integer("restarts", 3, "JobSet: restarts of the whole job, preemptions aside, before it fails. Job: "
                      "failed attempts per pod, preemptions aside, before the Job fails "
                      "(backoffLimit = restarts x workers: one worker's failure stops all of them).")
-flags.DEFINE_float("timeout_hours", 0, "Stop the Job after this many hours (activeDeadlineSeconds); 0: no limit.")
+flags.DEFINE_float("timeout_hours", 0, "Stop the whole run this many hours after submission, restarts included; "
+                   "0: no limit (README.md, \"Run on GKE\").")
 flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true, and its taint "
                   "tolerated).")
 flags.DEFINE_enum("api", "jobset", ("jobset", "job"), "jobset: a JobSet, whose pods restart together and which owns "
@@ -129,6 +135,12 @@ def container(job_name: str, trainer_args: list[str], environment: dict[str, str
     if FLAGS.workers > 1:
         env["WORKER_HOSTS"] = worker_hosts(job_name, FLAGS.workers, FLAGS.port)
     env.update(environment)
+    variables = [{"name": name, "value": value} for name, value in env.items()]
+    # The run lock lets a later attempt of this same job take over its lock (trainer/run_lock.py): the JobSet's
+    # uid outlives its restarts, the Job's its pods' retries; Kubernetes sets both as labels on the pods.
+    job_label = gke_jobset.UID_LABEL if FLAGS.api == "jobset" else JOB_UID_LABEL
+    variables.append({"name": run_lock.KUBERNETES_JOB_UID, "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.labels['{job_label}']"}}})
     _, _, limits = node_placement()
     requests = dict(limits)
     for name, value in (("cpu", FLAGS.cpu), ("memory", FLAGS.memory)):
@@ -136,12 +148,22 @@ def container(job_name: str, trainer_args: list[str], environment: dict[str, str
             requests[name] = value
     resources = {key: value for key, value in (("limits", limits), ("requests", requests)) if value}
     spec = {"name": CONTAINER, "image": FLAGS.image, "args": args,
-            "env": [{"name": name, "value": value} for name, value in env.items()],
+            "env": variables,
             "ports": [{"name": "workers", "containerPort": FLAGS.port}],
             "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}
     if resources:
         spec["resources"] = resources
     return spec
+
+
+def shared_memory(pod_spec: dict) -> None:
+    """Several GPUs in a pod talk through /dev/shm (NCCL's shared-memory transport), which Kubernetes makes 64 MiB;
+    a memory-backed emptyDir there is bounded by the pod's memory instead."""
+    if FLAGS.accelerator != "gpu" or FLAGS.gpus < 2:
+        return
+    pod_spec["volumes"] = [{"name": SHARED_MEMORY, "emptyDir": {"medium": "Memory"}}]
+    for container_spec in pod_spec["containers"]:
+        container_spec["volumeMounts"] = [{"name": SHARED_MEMORY, "mountPath": "/dev/shm"}]
 
 
 def labels_of(job_name: str) -> dict:
@@ -153,6 +175,7 @@ def pod_template(job_name: str, trainer_args: list[str], environment: dict[str, 
     selector, tolerations, _ = node_placement()
     pod_spec = {"restartPolicy": "Never", "terminationGracePeriodSeconds": FLAGS.grace_seconds,
                 "containers": [container(job_name, trainer_args, environment)]}
+    shared_memory(pod_spec)
     for key, value in (("nodeSelector", selector), ("tolerations", tolerations),
                        ("serviceAccountName", FLAGS.service_account)):
         if value:
@@ -207,10 +230,13 @@ def manifests(job_name: str, trainer_args: list[str], environment: dict[str, str
     """What `kubectl apply -f -` gets: the JobSet (which makes its own Service), or the Job and its Service as one v1
     List."""
     if FLAGS.api == "jobset":
-        return gke_jobset.jobset(job_name, FLAGS.namespace, labels_of(job_name),
-                                 pod_template(job_name, trainer_args, environment), CONTAINER, FLAGS.workers,
-                                 FLAGS.restarts, round(FLAGS.ttl_hours * 3600), round(FLAGS.timeout_hours * 3600),
-                                 FLAGS.queue)
+        template = pod_template(job_name, trainer_args, environment)
+        timeout_seconds = round(FLAGS.timeout_hours * 3600)
+        if timeout_seconds:
+            gke_jobset.cap_the_run(template["spec"]["containers"][0], time.time() + timeout_seconds,
+                                   FLAGS.grace_seconds)
+        return gke_jobset.jobset(job_name, FLAGS.namespace, labels_of(job_name), template, CONTAINER, FLAGS.workers,
+                                 FLAGS.restarts, round(FLAGS.ttl_hours * 3600), timeout_seconds, FLAGS.queue)
     return {"apiVersion": "v1", "kind": "List",
             "items": [service(job_name), job(job_name, trainer_args, environment)]}
 

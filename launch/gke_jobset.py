@@ -17,6 +17,8 @@ from trainer import cli
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "workers"
+# JobSet's label on its Jobs and pods: the JobSet's uid, the same for every restart.
+UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"
 # Kueue reads the queue of a workload from this label.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The Job's podFailurePolicy rules, by index; the JobSet's rules match the message Kubernetes writes when a FailJob
@@ -42,12 +44,32 @@ def failure_policy(restarts: int) -> dict:
     def matching(*indices: int) -> list[str]:
         return [f"matching FailJob rule at index {index}$" for index in indices]
     return {"maxRestarts": restarts, "rules": [
+        # An attempt that used up --timeout_hours (the Job's activeDeadlineSeconds) ends the run, never restarts it.
+        {"name": "TimedOut", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
         {"name": "UsageError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
          "onJobFailureMessagePatterns": matching(USAGE_RULE)},
         {"name": "Preempted", "action": "RestartJobSetAndIgnoreMaxRestarts",
          "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": matching(PREEMPTED_RULE,
                                                                                              DISRUPTED_RULE)},
     ]}
+
+
+# Runs the image's entrypoint (Dockerfile: python -m trainer.task) with what is left of the run's time: a restarted
+# attempt gets the rest of --timeout_hours, not all of it again, and one that starts after the deadline exits with
+# the usage status, which fails the JobSet at once (USAGE_RULE). `timeout` passes SIGTERM on to the trainer, so a
+# preemption still saves its checkpoint; at the deadline it sends SIGTERM, and SIGKILL after the grace period.
+DEADLINE_SCRIPT = (
+    'remaining=$(( {deadline} - $(date +%s) )); '
+    'if [ "$remaining" -le 0 ]; then echo "error: --timeout_hours: the run passed its deadline" >&2; exit {usage}; fi; '
+    'exec timeout --kill-after={grace} "$remaining" python -m trainer.task "$@"')
+
+
+def cap_the_run(container: dict, deadline: float, grace_seconds: int) -> None:
+    """Makes the container stop at `deadline` (seconds since the epoch) however often the JobSet restarts it: each
+    restart makes a new Job, whose activeDeadlineSeconds would start counting afresh."""
+    script = DEADLINE_SCRIPT.format(deadline=int(deadline), usage=cli.USAGE_EXIT_CODE, grace=max(grace_seconds, 1))
+    # The trainer's arguments stay arguments ("$@"), never part of the script.
+    container["command"] = ["/bin/sh", "-c", script, "trainer.task"]
 
 
 def jobset(name: str, namespace: str, labels: dict, pod_template: dict, container: str, workers: int, restarts: int,

@@ -5,11 +5,13 @@ import shutil
 
 import pytest
 
+import kubernetes_api
 from helpers import run_task
 from helpers import single_error_line
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 from trainer import distribution
+from trainer import run_lock
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
 TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-tpu"
@@ -17,6 +19,10 @@ TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:012345
 BASE = [f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifar-test", "--api=job"]
 # GKE's oldest and newest supported Kubernetes minor versions, as bundled with kubernetes-validate.
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+CONTEXT = "gke_my-project_us-central1_cifar"
+COLLECTIONS = {"Service": "/api/v1/namespaces/{namespace}/services",
+               "Job": "/apis/batch/v1/namespaces/{namespace}/jobs",
+               "JobSet": "/apis/jobset.x-k8s.io/v1alpha2/namespaces/{namespace}/jobsets"}
 
 
 def dry_run(*flags: str, trainer: tuple[str, ...] = ("--model=resnet50",)):
@@ -35,7 +41,7 @@ def pod_container(job: dict) -> dict:
 
 
 def env_of(job: dict) -> dict:
-    return {item["name"]: item["value"] for item in pod_container(job)["env"]}
+    return {item["name"]: item["value"] for item in pod_container(job)["env"] if "value" in item}
 
 
 SHAPES = {
@@ -152,42 +158,73 @@ def test_inconsistent_shapes_are_refused(flags, expected):
     assert expected in single_error_line(result)
 
 
-def fake_kubectl(tmp_path, context_status: int = 0, can_i: tuple[str, int] = ("yes\n", 0)) -> FakeTools:
-    tools = FakeTools(tmp_path / "bin")
-    tools.add("kubectl", [(["config", "current-context"], "gke_p_us-central1_c\n", context_status),
-                          (["auth", "can-i"], *can_i),
-                          (["apply"], "service/cifar-test created\njob.batch/cifar-test created\n", 0)])
-    return tools
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The Kubernetes API stand-in the real kubectl talks to (tests/kubernetes_api.py)."""
+    yield from kubernetes_api.serve_for_tests(tmp_path_factory)
 
 
-def test_applies_manifests_on_stdin_with_hostile_trainer_values_as_data(tmp_path):
-    tools = fake_kubectl(tmp_path)
+def launch_on(cluster, tmp_path, token: str, *flags: str, contexts=(CONTEXT,)):
+    """launch.gke with the real kubectl, whose kubeconfig reaches the stand-in with `token`."""
+    env = cluster.kubeconfig(tmp_path, token, contexts)
+    return run_task(*BASE, *flags, module="launch.gke", env=env, timeout=60)
+
+
+def created_objects(cluster, token: str) -> list[dict]:
+    """What `kubectl apply` created, as sent: each body without the annotation kubectl adds, checked to be a POST
+    of the object's kind to its collection, asking the server for strict field validation."""
+    objects = []
+    for request in cluster.created(token):
+        body = request["body"]
+        assert request["method"] == "POST" and request["query"]["fieldValidation"] == ["Strict"], request
+        assert request["path"] == COLLECTIONS[body["kind"]].format(namespace=body["metadata"]["namespace"])
+        annotations = body["metadata"].pop("annotations")
+        assert json.loads(annotations["kubectl.kubernetes.io/last-applied-configuration"])["kind"] == body["kind"]
+        objects.append(body)
+    return objects
+
+
+def test_applies_the_job_and_service_through_kubectl_with_hostile_trainer_values_as_data(cluster, tmp_path):
     hostile = [f"--train_split=train; touch {tmp_path}/pwned", f"--eval_split=$(touch {tmp_path}/pwned2)"]
-    result = run_task(*BASE, "--workers=2", "--", *hostile, module="launch.gke", env=tools.env(), timeout=60)
+    result = launch_on(cluster, tmp_path, "job-api", "--workers=2", "--gpus=2", "--namespace=research", "--",
+                       *hostile)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "job.batch/cifar-test"
-    check, can_i, apply = tools.calls()
-    assert check["argv"] == ["config", "current-context"]
-    assert can_i["argv"] == ["auth", "can-i", "create", "jobs", "--namespace=default"]
-    assert apply["argv"] == ["apply", "-f", "-"]
-    service, job = json.loads(apply["stdin"])["items"]
+    assert cluster.access_reviews("job-api") == [{"namespace": "research", "verb": "create", "group": "batch",
+                                                  "resource": "jobs"}]
+    service, job = created_objects(cluster, "job-api")
     assert pod_container(job)["args"] == ["--strategy=multi_worker_mirrored", "--accelerator=gpu", *hostile]
     assert not list(tmp_path.glob("pwned*"))
-    assert [service, job] == list(dry_run("--workers=2", trainer=tuple(hostile))[:2])
+    assert [service, job] == list(dry_run("--workers=2", "--gpus=2", "--namespace=research",
+                                          trainer=tuple(hostile))[:2])
 
 
-def test_context_flag_reaches_every_kubectl_call(tmp_path):
-    tools = FakeTools(tmp_path / "bin")
-    tools.add("kubectl", [(["config", "get-contexts"], "gke_p_europe-west4_c\n", 0),
-                          (["--context=gke_p_europe-west4_c", "auth", "can-i"], "yes\n", 0)])
-    result = run_task(*BASE, "--context=gke_p_europe-west4_c", "--namespace=research", module="launch.gke",
-                      env=tools.env(), timeout=60)
+def test_two_gpus_in_a_pod_get_a_memory_backed_dev_shm(cluster, tmp_path):
+    assert launch_on(cluster, tmp_path, "shm", "--gpus=2").returncode == 0
+    _, job = created_objects(cluster, "shm")
+    pod = job["spec"]["template"]["spec"]
+    (volume,) = pod["volumes"]
+    assert volume["emptyDir"] == {"medium": "Memory"}
+    assert pod_container(job)["volumeMounts"] == [{"name": volume["name"], "mountPath": "/dev/shm"}]
+    _, one_gpu, _ = dry_run("--gpus=1")
+    assert "volumes" not in one_gpu["spec"]["template"]["spec"]
+
+
+def test_the_job_passes_its_uid_to_the_run_lock(cluster, tmp_path):
+    assert launch_on(cluster, tmp_path, "uid").returncode == 0
+    _, job = created_objects(cluster, "uid")
+    (variable,) = [item for item in pod_container(job)["env"] if item["name"] == run_lock.KUBERNETES_JOB_UID]
+    assert variable["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}
+
+
+def test_context_flag_reaches_every_kubectl_call(cluster, tmp_path):
+    other = "gke_my-project_europe-west4_cifar"
+    result = launch_on(cluster, tmp_path, "context", f"--context={other}", contexts=(CONTEXT, other))
     assert result.returncode == 0, result.stderr
-    check, can_i, apply = tools.calls()
-    assert check["argv"] == ["config", "get-contexts", "gke_p_europe-west4_c", "--output=name"]
-    assert can_i["argv"] == ["--context=gke_p_europe-west4_c", "auth", "can-i", "create", "jobs",
-                             "--namespace=research"]
-    assert apply["argv"] == ["--context=gke_p_europe-west4_c", "apply", "-f", "-"]
+    assert [command[:2] for command in printed_commands(result.stderr)] == [["kubectl", f"--context={other}"]]
+    assert len(created_objects(cluster, "context")) == 2
+    result = launch_on(cluster, tmp_path, "context", "--context=gke_nowhere")
+    assert result.returncode == 1 and "no context gke_nowhere" in single_error_line(result)
 
 
 def test_missing_kubectl_is_one_clear_line(tmp_path):
@@ -196,39 +233,27 @@ def test_missing_kubectl_is_one_clear_line(tmp_path):
     assert "kubectl is not installed" in single_error_line(result)
 
 
-def test_no_cluster_credentials_is_one_clear_line(tmp_path):
-    tools = fake_kubectl(tmp_path, context_status=1)
-    result = run_task(*BASE, module="launch.gke", env=tools.env(), timeout=60)
-    assert result.returncode == 1
-    assert "get-credentials" in single_error_line(result)
-    assert len(tools.calls()) == 1
-
-
-def test_no_permission_to_create_jobs_is_one_clear_line(tmp_path):
-    # kubectl auth can-i answers "no" with exit status 1.
-    tools = fake_kubectl(tmp_path, can_i=("no\n", 1))
-    result = run_task(*BASE, "--namespace=research", module="launch.gke", env=tools.env(), timeout=60)
-    assert result.returncode == 1
+def test_no_permission_to_create_jobs_is_one_clear_line(cluster, tmp_path):
+    result = launch_on(cluster, tmp_path, "denied-jobs", "--namespace=research")
     line = single_error_line(result)
-    assert "may not create Jobs in --namespace=research" in line and "gke_p_us-central1_c" in line, line
-    assert [call["argv"][:2] for call in tools.calls()] == [["config", "current-context"], ["auth", "can-i"]]
-
-
-def test_expired_cluster_credentials_are_one_clear_line(tmp_path):
-    """A context whose credentials no longer work: can-i fails without an answer, the way an expired token does."""
-    tools = fake_kubectl(tmp_path, can_i=("", 1))
-    result = run_task(*BASE, module="launch.gke", env=tools.env(), timeout=60)
     assert result.returncode == 1
+    assert "may not create Jobs in --namespace=research" in line and CONTEXT in line, line
+    assert cluster.access_reviews("denied-jobs") and not cluster.created("denied-jobs")
+
+
+def test_expired_cluster_credentials_are_one_clear_line(cluster, tmp_path):
+    """The API server answers 401 to a token that expired; kubectl auth can-i then fails without an answer."""
+    result = launch_on(cluster, tmp_path, "expired-token")
     line = single_error_line(result)
-    assert "cannot check its permissions" in line and "get-credentials" in line, line
-    assert not [call for call in tools.calls() if call["argv"][0] == "apply"]
+    assert result.returncode == 1
+    assert "cannot check its permissions" in line and "Unauthorized" in line and "get-credentials" in line, line
+    assert not cluster.created("expired-token")
 
 
-def test_dry_run_calls_nothing(tmp_path):
-    tools = fake_kubectl(tmp_path)
-    result = run_task(*BASE, "--workers=2", "--dry_run", module="launch.gke", env=tools.env(), timeout=60)
+def test_dry_run_calls_nothing(cluster, tmp_path):
+    result = launch_on(cluster, tmp_path, "dry-run", "--workers=2", "--dry_run")
     assert result.returncode == 0, result.stderr
-    assert tools.calls() == []
+    assert cluster.requests("dry-run") == []
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

@@ -3,12 +3,14 @@
 import json
 import pathlib
 import re
+import subprocess
+import time
 
 import jsonschema
 import pytest
 
+import kubernetes_api
 from helpers import run_task
-from launch_fakes import FakeTools
 from trainer import distribution
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
@@ -23,27 +25,10 @@ def dry_run(*flags: str, trainer: tuple[str, ...] = ("--model=resnet50",)) -> di
     return json.loads(result.stdout)
 
 
-def strict(schema):
-    """The CRD's structural schema as JSON Schema that, like `kubectl apply --validate=strict`, refuses fields the
-    schema does not declare (the API server would silently drop them)."""
-    if isinstance(schema, list):
-        return [strict(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    converted = {key: strict(value) for key, value in schema.items()}
-    if converted.pop("x-kubernetes-int-or-string", False):
-        converted.pop("type", None)
-        converted["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        converted["additionalProperties"] = False
-    return converted
-
-
 def validate(jobset: dict) -> None:
     vendored = json.loads(CRD_SCHEMA.read_text())
     assert jobset["apiVersion"] == vendored["apiVersion"] and jobset["kind"] == "JobSet"
-    jsonschema.Draft7Validator(strict(vendored["openAPIV3Schema"])).validate(jobset)
+    jsonschema.Draft7Validator(kubernetes_api.strict_schema(vendored["openAPIV3Schema"])).validate(jobset)
 
 
 def pod_spec(jobset: dict) -> dict:
@@ -90,7 +75,8 @@ def test_workers_restart_as_a_unit_and_preemptions_do_not_count():
     assert rules[2]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
     policy = jobset["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 5
-    usage, preempted = policy["rules"]
+    timed_out, usage, preempted = policy["rules"]
+    assert timed_out == {"name": "TimedOut", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}
     # Kubernetes' message when a FailJob rule fires names the rule's index; each JobSet rule matches its own.
     message = "Container trainer for pod default/cifar-test-workers-0-1-x failed with exit code {} matching FailJob " \
               "rule at index {}"
@@ -107,7 +93,7 @@ def test_pods_find_each_other_by_the_names_jobset_gives_them():
     assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True,
                                          "subdomain": "cifar-test"}
     (container,) = pod_spec(jobset)["containers"]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     hosts = env["WORKER_HOSTS"].split(",")
     # JobSet names pod i JOBSET-REPLICATEDJOB-0-i in the JobSet's subdomain.
     assert hosts == [f"cifar-test-workers-0-{index}.cifar-test:2345" for index in range(3)]
@@ -136,17 +122,61 @@ def test_the_default_grace_period_outlasts_kubernetes_default():
     assert pod_spec(dry_run())["terminationGracePeriodSeconds"] > 30
 
 
-def test_applies_the_jobset_and_checks_it_may(tmp_path):
-    tools = FakeTools(tmp_path / "bin")
-    tools.add("kubectl", [(["config", "current-context"], "gke_p_us-central1_c\n", 0),
-                          (["auth", "can-i"], "yes\n", 0)])
-    result = run_task(*BASE, "--workers=2", "--", "--model=cnn", module="launch.gke", env=tools.env(), timeout=60)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The Kubernetes API stand-in the real kubectl talks to (tests/kubernetes_api.py)."""
+    yield from kubernetes_api.serve_for_tests(tmp_path_factory)
+
+
+def applied_jobset(cluster, tmp_path, token: str, *flags: str) -> dict:
+    """launch.gke run with the real kubectl against the stand-in: the JobSet that arrived, checked against the CRD."""
+    result = run_task(*BASE, *flags, module="launch.gke", env=cluster.kubeconfig(tmp_path, token), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "jobset.jobset.x-k8s.io/cifar-test"
-    calls = [call["argv"] for call in tools.calls()]
-    assert ["auth", "can-i", "create", "jobsets.jobset.x-k8s.io", "--namespace=default"] in calls
-    (apply,) = [call for call in tools.calls() if call["argv"][:1] == ["apply"]]
-    assert json.loads(apply["stdin"]) == dry_run("--workers=2", trainer=("--model=cnn",))
+    assert cluster.access_reviews(token) == [{"namespace": "default", "verb": "create", "group": "jobset.x-k8s.io",
+                                              "resource": "jobsets"}]
+    (request,) = cluster.created(token)
+    assert (request["method"], request["path"]) == ("POST", "/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets")
+    assert request["query"]["fieldValidation"] == ["Strict"]
+    jobset = request["body"]
+    jobset["metadata"].pop("annotations")  # kubectl's last-applied-configuration.
+    validate(jobset)
+    return jobset
+
+
+@pytest.mark.parametrize("flags", [("--workers=2", "--gpus=2"), SHAPES["tpu"]], ids=["gpus", "tpu_slice"])
+def test_applies_the_jobset_through_kubectl(cluster, tmp_path, flags):
+    token = f"jobset-{flags[0]}"
+    jobset = applied_jobset(cluster, tmp_path, token, *flags, "--", "--model=cnn")
+    assert jobset == dry_run(*flags, trainer=("--model=cnn",))
+    (container,) = pod_spec(jobset)["containers"]
+    (uid,) = [item for item in container["env"] if item["name"] == "KUBERNETES_JOB_UID"]
+    assert uid["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"
+
+
+def test_timeout_caps_the_whole_run_across_restarts(cluster, tmp_path):
+    """A restart makes a new Job, whose activeDeadlineSeconds counts afresh: the container's command counts down
+    to one deadline fixed at submission, so each attempt gets only what is left, and none after it."""
+    before = time.time()
+    jobset = applied_jobset(cluster, tmp_path, "timeout", "--timeout_hours=2", "--", "--model=cnn")
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated["template"]["spec"]["activeDeadlineSeconds"] == 7200
+    (container,) = pod_spec(jobset)["containers"]
+    shell, flag, script, name, *args = [*container["command"], *container["args"]]
+    assert (shell, flag, args[-1]) == ("/bin/sh", "-c", "--model=cnn")
+    deadline = int(re.search(r"remaining=\$\(\( (\d+) - ", script).group(1))
+    assert before + 7200 - 1 <= deadline <= time.time() + 7200
+    # The image's entrypoint, run by the script.
+    assert "python -m trainer.task" in script and '"$@"' in script
+    for remaining, status in ((-5, 2), (3600, 0)):
+        run = subprocess.run(["/bin/sh", "-c", script.replace(str(deadline), str(int(time.time()) + remaining))
+                              .replace("python -m trainer.task", "echo"), name, *args],
+                             capture_output=True, text=True, timeout=10)
+        assert run.returncode == status, run.stderr
+        if status == 0:
+            assert run.stdout.split() == args  # The trainer's arguments arrive unchanged.
+        else:
+            assert "--timeout_hours" in run.stderr
 
 
 def test_a_job_name_too_long_for_jobset_pod_names_is_refused():

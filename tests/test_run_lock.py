@@ -105,3 +105,40 @@ def test_a_bucket_lock_from_elsewhere_needs_force_unlock_and_a_dead_local_one_do
     lock.acquire(force_unlock=False)
     assert time.monotonic() - began < 10
     lock.release()
+
+
+@pytest.mark.parametrize("variable, job", [("CLOUD_ML_JOB_ID", "Vertex AI job 1234"),
+                                           ("KUBERNETES_JOB_UID", "Kubernetes job 6f1c-uid")])
+def test_a_later_attempt_of_the_same_job_takes_over_its_lock_and_another_job_does_not(gcs_bucket, monkeypatch,
+                                                                                      variable, job):
+    """Keyed on the job, not the host: a restarted replica may come back on another machine, and another job's
+    replica may have the same host name."""
+    value = job.rsplit(" ", 1)[1]
+    earlier_attempt = {"host": "workerpool0-0", "pid": 7, "started": "2026-12-01T10:00:00+00:00", "job": job,
+                       "process": "an-earlier-process"}
+    name = f"attempts-{variable}"
+    write_holder(gcs_bucket, name, earlier_attempt)
+    monkeypatch.setenv(variable, "another-job")
+    with pytest.raises(UsageError, match=f"in use by another run \\({job}, host workerpool0-0"):
+        bucket_lock(gcs_bucket, name).acquire(force_unlock=False)
+
+    monkeypatch.setenv(variable, value)
+    lock = bucket_lock(gcs_bucket, name)
+    lock.acquire(force_unlock=False)
+    from google.cloud import storage
+    written = json.loads(storage.Client().bucket(gcs_bucket).blob(f"{name}/{run_lock.LOCK_NAME}").download_as_bytes())
+    assert written["job"] == job and written["pid"] == os.getpid()
+    # This attempt's own lock is not taken over by itself a second time.
+    with pytest.raises(UsageError, match="in use by another run"):
+        bucket_lock(gcs_bucket, name).acquire(force_unlock=False)
+    lock.release()
+
+
+def test_in_a_job_a_dead_process_on_this_host_of_another_job_keeps_its_lock(gcs_bucket, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_holder(gcs_bucket, "other-job", {"host": socket.gethostname(), "pid": dead.pid, "started": "earlier",
+                                           "job": "Vertex AI job 1"})
+    monkeypatch.setenv("CLOUD_ML_JOB_ID", "2")
+    with pytest.raises(UsageError, match="Vertex AI job 1, host"):
+        bucket_lock(gcs_bucket, "other-job").acquire(force_unlock=False)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import kubernetes_api
 from helpers import fails_in_process
 from helpers import run_task
 from helpers import single_error_line
@@ -210,15 +211,31 @@ def test_gke_serve_refuses_bad_flags_in_one_line(capsys, flags, message):
     assert message in fails_in_process(capsys, gke_serve, *GKE[1:], *flags, "--dry_run")
 
 
-def test_gke_serve_applies_the_manifests_after_checking_access(tmp_path):
-    tools = FakeTools(tmp_path / "bin")
-    tools.add("kubectl", [(["config", "current-context"], "gke_p_us-central1_c\n", 0),
-                          (["auth", "can-i"], "yes\n", 0)])
-    result = launch("launch.gke", *GKE, env=tools.env())
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The Kubernetes API stand-in the real kubectl talks to (tests/kubernetes_api.py)."""
+    yield from kubernetes_api.serve_for_tests(tmp_path_factory)
+
+
+def test_gke_serve_applies_the_manifests_through_kubectl_after_checking_access(cluster, tmp_path):
+    result = launch("launch.gke", *GKE, "--namespace=serving", env=cluster.kubeconfig(tmp_path, "serve"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "deployment.apps/cifar-serve"
-    context, access, apply = tools.calls()
-    assert access["argv"] == ["auth", "can-i", "create", "deployments", "--namespace=default"]
-    assert apply["argv"] == ["apply", "-f", "-"]
-    assert [item["kind"] for item in json.loads(apply["stdin"])["items"]] == ["Deployment", "Service",
-                                                                              "HorizontalPodAutoscaler"]
+    assert cluster.access_reviews("serve") == [{"namespace": "serving", "verb": "create", "group": "apps",
+                                                "resource": "deployments"}]
+    created = cluster.created("serve")
+    assert [(request["method"], request["path"]) for request in created] == [
+        ("POST", "/apis/apps/v1/namespaces/serving/deployments"), ("POST", "/api/v1/namespaces/serving/services"),
+        ("POST", "/apis/autoscaling/v2/namespaces/serving/horizontalpodautoscalers")]
+    bodies = []
+    for request in created:
+        assert request["query"]["fieldValidation"] == ["Strict"]  # The stand-in validated them as the API would.
+        request["body"]["metadata"].pop("annotations")
+        bodies.append(request["body"])
+    assert bodies == list(gke_dry_run("--namespace=serving")[:3])
+
+
+def test_gke_serve_without_permission_applies_nothing(cluster, tmp_path):
+    result = launch("launch.gke", *GKE, env=cluster.kubeconfig(tmp_path, "denied-serve"))
+    assert "may not create Deployments in --namespace=default" in single_error_line(result)
+    assert cluster.access_reviews("denied-serve") and not cluster.created("denied-serve")

@@ -17,21 +17,37 @@ from trainer.errors import UsageError
 LOCK_NAME = ".run.lock"
 # Tells this process from an earlier one that had the same pid (a restarted container often gets the same pid).
 _PROCESS_TOKEN = uuid.uuid4().hex
+# The job a process belongs to, which a later attempt of it shares: Vertex AI sets CLOUD_ML_JOB_ID in every replica
+# of a CustomJob; launch.gke sets KUBERNETES_JOB_UID from the JobSet's (or Job's) uid label on its pods.
+VERTEX_JOB_ID = "CLOUD_ML_JOB_ID"
+KUBERNETES_JOB_UID = "KUBERNETES_JOB_UID"
 # How often to try again when another process takes or frees the lock between our read and our write.
 LOCK_ATTEMPTS = 5
 
 
+def job_identity() -> str | None:
+    """The cloud job this process runs in, the same for every attempt of it; None outside one."""
+    if os.environ.get(VERTEX_JOB_ID):
+        return f"Vertex AI job {os.environ[VERTEX_JOB_ID]}"
+    if os.environ.get(KUBERNETES_JOB_UID):
+        return f"Kubernetes job {os.environ[KUBERNETES_JOB_UID]}"
+    return None
+
+
 def identity() -> dict:
     """Who holds a lock: enough for a person to find the process, and for a restarted one to know itself."""
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "process": _PROCESS_TOKEN}
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "process": _PROCESS_TOKEN}
+    job = job_identity()
+    return {**holder, "job": job} if job else holder
 
 
 def describe(holder: dict | None) -> str:
     if not holder:
         return "a process that has not written its name yet"
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+    job = f"{holder['job']}, " if holder.get("job") else ""
+    return f"{job}host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
 
 
 def acquire(model_dir: str, local_dir: str, mirror, force_unlock: bool):
@@ -172,10 +188,21 @@ class BucketLock:
 
 
 def _gone(holder: dict | None) -> str | None:
-    """Why the holder of a lock can be taken to be dead, or None. A restarted pod or Vertex AI replica keeps its
-    host name, so the holder is gone when it ran on this host and its process is not a trainer any more: in a
-    container the new process often even gets the old one's pid."""
-    if not holder or holder.get("host") != socket.gethostname():
+    """Why the holder of a lock can be taken to be dead, or None.
+
+    In a cloud job the job's identity decides: a later attempt of the same job (a restarted Vertex AI replica, a
+    JobSet's next attempt) takes over its own lock, since the cloud ends an attempt before it starts the next; no
+    other job does, whatever its host is called (host names such as workerpool0-0 repeat across jobs). Outside one,
+    the holder is gone when it ran on this host and its process is not a trainer any more.
+    """
+    if not holder:
+        return None
+    ours, theirs = job_identity(), holder.get("job")
+    if ours or theirs:
+        if ours == theirs and holder.get("process") != _PROCESS_TOKEN:
+            return f"an earlier attempt of the same job ({ours})"
+        return None
+    if holder.get("host") != socket.gethostname():
         return None
     pid = holder.get("pid")
     if pid == os.getpid():
