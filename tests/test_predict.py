@@ -112,6 +112,9 @@ def exported_labels(model_dir) -> list[str]:
     (["--top_k=11", "x.png"], "--top_k=11 is more than the model's 10 classes"),
     (["--output=xml", "x.png"], "flag --output=xml: value should be one of <table|csv|json>"),
     ([], "give one or more image files or folders"),
+    (["--output_file=/", "x.png"], "--output_file=/ is a folder; give the name of a file to write."),
+    (["--output_file=/no/such/folder/out.csv", "x.png"], "--output_file=/no/such/folder/out.csv: /no/such/folder "
+                                                          "is not a folder; create it first."),
 ])
 def test_bad_flags_are_one_error_line_and_exit_status_2(trained_run, capsys, argv, message):
     model_dir, _ = trained_run
@@ -266,3 +269,15 @@ def test_ctrl_c_with_json_on_stdout_prints_the_partial_results_marked_so(trained
     assert record["note"] == f"interrupted after classifying {count:,} of 2,000 files: these are their results only."
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: interrupted after classifying {count:,} of 2,000 files; the output above holds those only."]
+
+
+def test_output_file_is_replaced_by_the_complete_results(trained_run, photos, tmp_path, capsys):
+    model_dir, _ = trained_run
+    output = tmp_path / "predictions.csv"
+    output.write_text("old\n")
+    status, out, errors = run_predict(capsys, f"--model_dir={model_dir}", "--output=csv", f"--output_file={output}",
+                                      *(str(photos / name) for name in GOOD))
+    assert status == 0 and errors == [] and out == ""
+    rows = list(csv.DictReader(io.StringIO(output.read_text())))
+    assert [row["path"] for row in rows] == [str(photos / name) for name in GOOD]
+    assert [path.name for path in tmp_path.iterdir()] == ["predictions.csv"]

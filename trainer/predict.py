@@ -217,6 +217,8 @@ def main(argv: list[str]) -> int:
     classifier = runs.load_classifier(runs.local_run_dir(FLAGS.model_dir))
     if FLAGS.top_k > len(classifier.class_names):
         raise UsageError(f"--top_k={FLAGS.top_k} is more than the model's {len(classifier.class_names)} classes.")
+    if FLAGS.output_file:
+        check_output_file(FLAGS.output_file)
     files, failures = find_images(paths)
     for path, reason in failures:
         print(f"error: {printable(path)}: {printable(reason)}", file=sys.stderr)
@@ -239,10 +241,15 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def open_output_file(path: str):
-    """A temporary file beside --output_file for the rows, so that the file itself is replaced only at the end."""
+def check_output_file(path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--output_file={path} is a folder; give the name of a file to write.")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise UsageError(f"--output_file={path}: {os.path.dirname(path)} is not a folder; create it first.")
+
+
+def open_output_file(path: str):
+    """A temporary file beside --output_file for the rows, so that the file itself is replaced only at the end."""
     try:
         return tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", prefix=".tmp-", delete=False,
                                            newline="", encoding="utf-8")
