@@ -203,14 +203,15 @@ def test_a_report_that_cannot_be_written_is_one_line_after_the_table(two_runs, t
     assert after.keys() == before.keys() and after["README.md"] == before["README.md"]  # No temporary file left.
 
 
-def test_a_read_only_output_folder_is_one_line_after_the_table(two_runs, tmp_path):
+@pytest.mark.parametrize("how, reason", [("mount", "Read-only file system"), ("permissions", "Permission denied")])
+def test_an_unwritable_output_folder_is_one_line_after_the_table(two_runs, tmp_path, how, reason):
     runs = [str(directory) for directory, _ in two_runs.values()]
     output = tmp_path / "read-only"
     output.mkdir()
-    result = run_with_read_only(output, *runs, f"--output={output}", module="trainer.compare")
+    result = run_with_read_only(output, *runs, f"--output={output}", module="trainer.compare", how=how)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert single_error_line(result) == (f"error: the report could not be written to {output} (Read-only file "
-                                         "system); the table above is its summary.")
+    assert single_error_line(result) == (f"error: the report could not be written to {output} ({reason}); the "
+                                         "table above is its summary.")
     assert set(table_rows(result.stdout)) == {"long", "short"} and list(output.iterdir()) == []
 
 
