@@ -168,23 +168,27 @@ def run_names(directories: list[str]) -> list[str]:
 
 
 def write_report(runs: list[Run], output: str) -> str:
-    """Writes README.md and its charts into output; returns the Markdown."""
-    charts = []
+    """Writes README.md and its charts into output; returns the Markdown.
+
+    README.md goes first: it marks the folder as compare's, so that a rerun after a chart failed to write
+    replaces what this run wrote instead of refusing it as the user's.
+    """
+    plots = []
     for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
         panels = {phase: {run.name: run.epoch_curves[f"{phase}_{metric}"] for run in runs}
                   for phase in ("train", "eval")}
-        reports.plot_runs(os.path.join(output, f"{metric}.png"), panels, xlabel="epoch", ylabel=label,
-                          title=f"{label} per epoch")
-        charts.append((f"{label} per epoch (train and eval)", f"{metric}.png"))
+        plots.append((f"{label} per epoch (train and eval)", f"{metric}.png",
+                      dict(panels=panels, xlabel="epoch", ylabel=label, title=f"{label} per epoch")))
     # Worth a chart only when the runs logged more often than once per epoch.
     if any(len(run.step_losses) > len(run.epoch_curves["train_loss"]) for run in runs):
-        reports.plot_runs(os.path.join(output, "train_loss_steps.png"),
-                          {"train": {run.name: run.step_losses for run in runs}}, xlabel="epoch",
-                          ylabel="Loss", title="Training loss at every logged step")
-        charts.append(("Training loss at every logged step", "train_loss_steps.png"))
-    markdown = markdown_report(runs, charts)
+        plots.append(("Training loss at every logged step", "train_loss_steps.png",
+                      dict(panels={"train": {run.name: run.step_losses for run in runs}}, xlabel="epoch",
+                           ylabel="Loss", title="Training loss at every logged step")))
+    markdown = markdown_report(runs, [(title, file_name) for title, file_name, _ in plots])
     with storage.replacing(os.path.join(output, REPORT_FILE), suffix=".md") as file:
         file.write(markdown)
+    for _, file_name, arguments in plots:
+        reports.plot_runs(os.path.join(output, file_name), **arguments)
     return markdown
 
 
