@@ -25,6 +25,10 @@ USAGE = """Compares finished runs of trainer.task: writes a Markdown report (REA
 results and PNG charts of their accuracy and loss per epoch, overlaid, into --output.
 
     python -m trainer.compare runs/cnn runs/resnet50 --output=reports/cnn-vs-resnet50
+
+It replaces only its own reports: a folder holding a README.md or chart it did not write is refused.
+Exit status: 0 done; 1 when the report could not be written (its table is printed first); 2 for bad flags,
+such a folder, or a run without a sound metrics.json.
 """
 REPORT_FILE = "README.md"
 CHART_FILES = ("accuracy.png", "loss.png", "train_loss_steps.png")
