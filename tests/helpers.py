@@ -90,3 +90,34 @@ def bucket_files(bucket: str, prefix: str) -> list[str]:
     from google.cloud import storage
 
     return sorted(blob.name[len(prefix):].lstrip("/") for blob in storage.Client().list_blobs(bucket, prefix=prefix))
+
+
+def run_with_read_only(directory, *flags: str, module: str, how: str = "mount") -> subprocess.CompletedProcess:
+    """Runs an entry point like run_task with `directory` read-only for it, in a way that stops root too:
+
+    - how="mount": a read-only bind mount in a mount namespace of its own, so writing fails as on a read-only disk
+      (EROFS);
+    - how="permissions": the directory is chmod 555 and, as root, the process runs without the capabilities that
+      let root write anyway (CAP_DAC_OVERRIDE), so writing fails as for any user without permission (EACCES).
+
+    Skips the test where the machine allows neither.
+    """
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", module, *flags]
+    if how == "mount":
+        probe = subprocess.run(["unshare", "--mount", "--map-root-user", "mount", "--bind", "-o", "ro",
+                                str(directory), str(directory)], capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot make a read-only bind mount here: {probe.stderr.strip()[:200]}")
+        script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+        command = ["unshare", "--mount", "--map-root-user", "sh", "-c", script, str(directory), *command]
+    elif os.geteuid() == 0:
+        capabilities = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={capabilities}", f"--bounding-set={capabilities}", "--", *command]
+    mode = os.stat(directory).st_mode
+    if how == "permissions":
+        os.chmod(directory, 0o555)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300, cwd=str(ROOT))
+    finally:
+        os.chmod(directory, mode)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import make_config, run_in_process
+from helpers import make_config, run_in_process, run_with_read_only, single_error_line
 from trainer import compare
 from trainer import progress
 from trainer import train
@@ -144,3 +144,89 @@ def test_gs_runs_are_compared_from_their_tensorboard_logs(two_runs, gcs_bucket, 
     assert all(row["wall time"] != "-" for row in table_rows(reports["gcs"][0]).values())
     charts = [re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown) for _, markdown in reports.values()]
     assert charts[0] == charts[1] and "train_loss_steps.png" in charts[1]
+
+
+def files_in(folder) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in pathlib.Path(folder).rglob("*")
+            if path.is_file()}
+
+
+def test_a_readme_compare_did_not_write_is_refused_and_kept(two_runs, tmp_path, capsys):
+    """--output=. in a repository must not replace its README.md: compare replaces only its own reports."""
+    runs = [str(directory) for directory, _ in two_runs.values()]
+    output = tmp_path / "project"
+    output.mkdir()
+    (output / "README.md").write_text("# My project\n")
+    (output / "notes.txt").write_text("mine")
+    before = files_in(output)
+    status, out, errors = run_compare(capsys, *runs, f"--output={output}")
+    assert status == 2 and errors == [f"error: --output={output} already holds README.md, which trainer.compare did "
+                                      "not write and will not replace; give a new folder, or the folder of an "
+                                      "earlier report of compare."]
+    assert not out and files_in(output) == before and sorted(path.name for path in output.iterdir()) == [
+        "README.md", "notes.txt"]
+    (output / "README.md").unlink()
+    (output / "loss.png").write_bytes(b"my chart")  # A chart of the user's counts as theirs too.
+    status, _, errors = run_compare(capsys, *runs, f"--output={output}")
+    assert status == 2 and "already holds loss.png" in errors[0] and (output / "loss.png").read_bytes() == b"my chart"
+    status, _, errors = run_compare(capsys, *runs, f"--output={output / 'notes.txt'}")
+    assert status == 2 and errors == [f"error: --output={output / 'notes.txt'} is a file; give a folder for the "
+                                      "report (new, or an earlier report's)."]
+
+
+def test_an_earlier_report_of_compare_is_replaced(two_runs, tmp_path, capsys):
+    runs = [str(directory) for directory, _ in two_runs.values()]
+    output = tmp_path / "report"
+    assert run_compare(capsys, *runs, f"--output={output}")[0] == 0
+    assert (output / "README.md").read_text().startswith(compare.REPORT_MARKER + "\n# Comparison of 2 runs\n")
+    status, out, errors = run_compare(capsys, runs[1], f"--output={output}")
+    assert status == 0 and errors == [] and "# Comparison of 1 runs" in (output / "README.md").read_text()
+    # A report written before the marker existed starts with its title.
+    (output / "README.md").write_text("# Comparison of 2 runs\n\nold\n")
+    assert run_compare(capsys, *runs, f"--output={output}")[0] == 0
+    assert not [path for path in output.iterdir() if path.name.startswith(".tmp-")]
+
+
+def test_a_report_that_cannot_be_written_is_one_line_after_the_table(two_runs, tmp_path, capsys):
+    """The table is printed first; a write failure then names the folder, exit status 1, files left as they were."""
+    runs = [str(directory) for directory, _ in two_runs.values()]
+    output = tmp_path / "report"
+    assert run_compare(capsys, *runs, f"--output={output}")[0] == 0
+    (output / "loss.png").unlink()
+    (output / "loss.png").mkdir()  # Where a chart must go, a folder: fails for root too.
+    before = files_in(output)
+    status, out, errors = run_compare(capsys, *runs, f"--output={output}")
+    assert status == 1 and errors == [f"error: the report could not be written to {output} ({output / 'loss.png'}: "
+                                      "Is a directory); the table above is its summary."]
+    assert set(table_rows(out)) == {"long", "short"}
+    after = files_in(output)
+    assert after.keys() == before.keys() and after["README.md"] == before["README.md"]  # No temporary file left.
+
+
+@pytest.mark.parametrize("how, reason", [("mount", "Read-only file system"), ("permissions", "Permission denied")])
+def test_an_unwritable_output_folder_is_one_line_after_the_table(two_runs, tmp_path, how, reason):
+    runs = [str(directory) for directory, _ in two_runs.values()]
+    output = tmp_path / "read-only"
+    output.mkdir()
+    result = run_with_read_only(output, *runs, f"--output={output}", module="trainer.compare", how=how)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert single_error_line(result) == (f"error: the report could not be written to {output} ({reason}); the "
+                                         "table above is its summary.")
+    assert set(table_rows(result.stdout)) == {"long", "short"} and list(output.iterdir()) == []
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"flags": "oops"}, '"flags" is a string'),
+    ({"test_accuracy": None}, '"test_accuracy" is null'),
+    ({"epochs_completed": "2"}, '"epochs_completed" is a string'),
+    ({"history": [{"epoch": 1}]}, '"history" has entries without a number for each of epoch, train_accuracy'),
+])
+def test_a_metrics_json_with_wrong_types_is_one_line_naming_it(two_runs, tmp_path, capsys, change, problem):
+    directory, metrics = two_runs["short"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(directory, damaged, ignore=shutil.ignore_patterns("logs"))
+    (damaged / "metrics.json").write_text(json.dumps({**metrics, **change}))
+    status, out, errors = run_compare(capsys, str(two_runs["long"][0]), str(damaged), f"--output={tmp_path / 'r'}")
+    assert status == 2 and len(errors) == 1 and not out and not (tmp_path / "r").exists()
+    assert errors[0].startswith(f"error: {damaged / 'metrics.json'} is not a metrics.json of trainer.task, or it "
+                                f"is damaged: {problem}")

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from helpers import make_config, run_in_process
+from helpers import make_config, run_in_process, run_with_read_only, single_error_line
 from trainer import evaluate
 from trainer import train
 
@@ -189,3 +189,38 @@ def test_a_run_of_another_dataset_is_refused(trained_run, tiny_shapes_dir, capsy
 def test_a_directory_without_a_model_is_refused(tmp_path, capsys):
     status, _, err = run_evaluate(capsys, f"--model_dir={tmp_path}", "--dataset=cifar10", "--split=test")
     assert status == 2 and "holds neither an export/ nor checkpoints/" in err
+
+
+def files_in(folder) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_results_that_cannot_be_written_are_printed_then_one_line(trained_run, tmp_path, capsys):
+    """evaluation.json a folder (which stops root too): the report is on stdout, one line names the file,
+    exit status 1, and the run is left as it was, with no temporary file."""
+    model_dir, metrics = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("evaluation.json", "confusion_matrix.png"))
+    (run / "evaluation.json").mkdir()
+    before = files_in(run)
+    status, out, err = run_evaluate(capsys, f"--model_dir={run}")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 1 and "Traceback" not in err
+    assert errors == [f"error: the results could not be written to {run / 'evaluation.json'} (Is a directory); "
+                      "the report above is complete."]
+    assert f"accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}" in out
+    assert "Most confused" in out
+    assert files_in(run) == before and list((run / "evaluation.json").iterdir()) == []
+
+
+def test_a_read_only_run_is_evaluated_and_says_where_results_could_not_go(trained_run, tmp_path):
+    model_dir, metrics = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    before = files_in(run)
+    result = run_with_read_only(run, f"--model_dir={run}", module="trainer.evaluate")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert single_error_line(result) == (f"error: the results could not be written to {run / 'evaluation.json'} "
+                                         "(Read-only file system); the report above is complete.")
+    assert f"accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}" in result.stdout
+    assert files_in(run) == before

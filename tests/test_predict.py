@@ -3,14 +3,20 @@
 import csv
 import io
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import run_in_process, run_task
+from helpers import ROOT, run_in_process, run_task
 from trainer import predict
 
 
@@ -106,6 +112,9 @@ def exported_labels(model_dir) -> list[str]:
     (["--top_k=11", "x.png"], "--top_k=11 is more than the model's 10 classes"),
     (["--output=xml", "x.png"], "flag --output=xml: value should be one of <table|csv|json>"),
     ([], "give one or more image files or folders"),
+    (["--output_file=/", "x.png"], "--output_file=/ is a folder; give the name of a file to write."),
+    (["--output_file=/no/such/folder/out.csv", "x.png"], "--output_file=/no/such/folder/out.csv: /no/such/folder "
+                                                          "is not a folder; create it first."),
 ])
 def test_bad_flags_are_one_error_line_and_exit_status_2(trained_run, capsys, argv, message):
     model_dir, _ = trained_run
@@ -150,3 +159,125 @@ def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(trained_run, 
     deep_row, shallow_row = ({item["class"]: item["probability"] for item in record["predictions"]}
                              for record in json.loads(out))
     assert deep_row == pytest.approx(shallow_row, abs=1e-6)
+
+
+def test_csv_cells_are_formula_safe_and_names_print_safely_on_a_terminal(trained_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """OWASP's CSV-injection advice: a cell starting with =, +, -, @, tab or CR gets a leading apostrophe. Control
+    characters (an escape sequence that retitles the terminal, clears it, or moves the cursor) and bidirectional
+    controls show as visible escapes in the table, the CSV and the error lines; JSON keeps names exactly."""
+    model_dir, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    labels = run / "export" / "assets.extra" / "labels.txt"
+    names = labels.read_text().split()
+    labels.write_text("\n".join(["=HYPERLINK(1)", "\x1b[31mred", *names[2:]]) + "\n")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    monkeypatch.chdir(photos)
+    hostile = ["=cmd|calc!A0.png", "+1.png", "-2.png", "@SUM(1).png", "\tTAB.png", "\x1b]0;pwned\x07.png",
+               "\u202egnp.exe"]
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8)
+    for name in hostile:
+        Image.fromarray(pixels).save(photos / name, format="PNG")
+    (photos / "\x1b[2Jbroken.png").write_bytes(b"not an image")
+    status, out, errors = run_predict(capsys, f"--model_dir={run}", "--output=csv", "--top_k=10", "--", *hostile,
+                                      "\x1b[2Jbroken.png")
+    assert status == 1 and errors == ["error: \\x1b[2Jbroken.png: not an image file Pillow can read (PNG or JPEG "
+                                      "expected)"]
+    rows = list(csv.reader(io.StringIO(out)))[1:]
+    assert [row[0] for row in rows] == ["'=cmd|calc!A0.png", "'+1.png", "'-2.png", "'@SUM(1).png", "\\x09TAB.png",
+                                        "\\x1b]0;pwned\\x07.png", "\\u202egnp.exe"]
+    classes = {cell for row in rows for cell in row[1::2]}
+    assert {"'=HYPERLINK(1)", "\\x1b[31mred"} <= classes
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f\u202e]", out.replace("\r\n", "\n"))  # CSV's line ends only.
+    status, out, _ = run_predict(capsys, f"--model_dir={run}", "--top_k=10", "--", *hostile)
+    assert status == 0 and "\\x1b]0;pwned\\x07.png" in out and "\\x1b[31mred" in out
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f\u202e]", out)
+    status, out, _ = run_predict(capsys, f"--model_dir={run}", "--output=json", "--", *hostile)
+    assert status == 0 and [record["path"] for record in json.loads(out)] == hostile
+    assert "\x1b" not in out  # JSON escapes it itself (\u001b).
+
+
+def interrupt_after_first_rows(model_dir, photos, folder, *flags: str) -> tuple[int, str, str]:
+    """Runs predict on the photos with its stdout and stderr in files in `folder`, sends it SIGINT (Ctrl-C) once it
+    has classified its first images; returns (exit status, stdout, stderr)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    stdout, stderr = folder / "stdout", folder / "stderr"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "trainer.predict", f"--model_dir={model_dir}",
+                                    "--batch_size=1", *flags, str(photos)], stdout=out, stderr=err,
+                                   env=environment, cwd=str(ROOT))
+        deadline = time.monotonic() + 120
+        while "] classified " not in stderr.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=60)
+    return status, stdout.read_text(), stderr.read_text()
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """2,000 small PNGs: at one per batch, more than predict classifies in the moment before the signal."""
+    root = tmp_path_factory.mktemp("many") / "many"
+    root.mkdir()
+    pixels = np.random.default_rng(4).integers(0, 256, (2000, 8, 8, 3), np.uint8)
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(root / f"{index:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_ctrl_c_keeps_the_old_output_file_and_the_partial_results_beside_it(trained_run, many_photos, tmp_path,
+                                                                           kind):
+    model_dir, _ = trained_run
+    output = tmp_path / f"predictions.{kind}"
+    output.write_text("the results of an earlier run\n")
+    status, _, log = interrupt_after_first_rows(model_dir, many_photos, tmp_path, f"--output={kind}",
+                                                f"--output_file={output}")
+    assert status == 130 and "Traceback" not in log, log[-2000:]
+    assert output.read_text() == "the results of an earlier run\n"
+    partial = output.with_name(output.name + ".partial")
+    if kind == "json":
+        record = json.loads(partial.read_text())
+        assert record["partial"] is True
+        paths = [row["path"] for row in record["predictions"]]
+    else:
+        header, *rows = list(csv.reader(io.StringIO(partial.read_text())))
+        assert header[0] == "path"
+        paths = [row[0] for row in rows]
+    count = len(paths)
+    assert 0 < count < 2000 and paths == [str(many_photos / f"{index:04d}.png") for index in range(count)]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: interrupted after classifying {count:,} of 2,000 files; their results are in "
+                      f"{partial}; {output} is left as it was."]
+    if kind == "json":
+        assert record["note"] == f"interrupted after classifying {count:,} of 2,000 files: these are their results " \
+                                 "only."
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["stdout", "stderr", output.name,
+                                                                       partial.name])
+
+
+def test_ctrl_c_with_json_on_stdout_prints_the_partial_results_marked_so(trained_run, many_photos, tmp_path):
+    model_dir, _ = trained_run
+    status, out, err = interrupt_after_first_rows(model_dir, many_photos, tmp_path, "--output=json")
+    assert status == 130 and "Traceback" not in err, err[-2000:]
+    record = json.loads(out)
+    count = len(record["predictions"])
+    assert record["partial"] is True and 0 < count < 2000
+    assert record["note"] == f"interrupted after classifying {count:,} of 2,000 files: these are their results only."
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted after classifying {count:,} of 2,000 files; the output above holds those only."]
+
+
+def test_output_file_is_replaced_by_the_complete_results(trained_run, photos, tmp_path, capsys):
+    model_dir, _ = trained_run
+    output = tmp_path / "predictions.csv"
+    output.write_text("old\n")
+    status, out, errors = run_predict(capsys, f"--model_dir={model_dir}", "--output=csv", f"--output_file={output}",
+                                      *(str(photos / name) for name in GOOD))
+    assert status == 0 and errors == [] and out == ""
+    rows = list(csv.DictReader(io.StringIO(output.read_text())))
+    assert [row["path"] for row in rows] == [str(photos / name) for name in GOOD]
+    assert [path.name for path in tmp_path.iterdir()] == ["predictions.csv"]

@@ -1,8 +1,10 @@
 """Compares finished runs: a Markdown report with their results side by side and overlaid training curves."""
 
 import dataclasses
+import numbers
 import os
 import posixpath
+import re
 
 from absl import flags
 from absl import logging
@@ -15,6 +17,7 @@ from trainer import runs
 from trainer import progress
 from trainer import reports
 from trainer import storage
+from trainer.errors import Failure
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
@@ -22,8 +25,26 @@ USAGE = """Compares finished runs of trainer.task: writes a Markdown report (REA
 results and PNG charts of their accuracy and loss per epoch, overlaid, into --output.
 
     python -m trainer.compare runs/cnn runs/resnet50 --output=reports/cnn-vs-resnet50
+
+It replaces only its own reports: a folder holding a README.md or chart it did not write is refused.
+Exit status: 0 done; 1 when the report could not be written (its table is printed first); 2 for bad flags,
+such a folder, or a run without a sound metrics.json.
 """
 REPORT_FILE = "README.md"
+CHART_FILES = ("accuracy.png", "loss.png", "train_loss_steps.png")
+# The report's first line, invisible once rendered: it tells compare that a README.md is its own to replace.
+REPORT_MARKER = "<!-- Written by trainer.compare, which replaces this file and its charts when run again. -->"
+# Reports written before the marker existed began with their title.
+OLD_REPORT_TITLE = re.compile(r"# Comparison of \d+ runs\n")
+# metrics.json fields the report reads, with the JSON types each may hold (None: may be absent or null).
+NUMBER, TEXT, OBJECT, LIST = (numbers.Real,), (str,), (dict,), (list,)
+METRICS_FIELDS = {"test_accuracy": NUMBER, "test_loss": NUMBER, "epochs_completed": NUMBER,
+                  "best_epoch": NUMBER + (type(None),), "flags": OBJECT + (type(None),),
+                  "dataset": TEXT + (type(None),), "eval_split": TEXT + (type(None),),
+                  "train_seconds": NUMBER + (type(None),), "train_images_per_second": NUMBER + (type(None),),
+                  "num_parameters": NUMBER + (type(None),), "history": LIST + (type(None),)}
+JSON_TYPE_NAMES = {bool: "true/false", int: "a number", float: "a number", str: "a string", dict: "an object",
+                   list: "a list", type(None): "null"}
 # Flags that say where a run lived rather than what it computed.
 LOCATION_FLAGS = ("model_dir", "data_dir")
 # Per-epoch TensorBoard tags of trainer.task: (log, tag) for each curve.
@@ -79,11 +100,35 @@ def read_run(directory: str, name: str) -> Run:
     metrics = storage.read_json(os.path.join(run_dir, "metrics.json"))
     if metrics is None:
         raise UsageError(f"{directory} has no metrics.json; give the --model_dir of a finished run of trainer.task.")
+    check_metrics(metrics, os.path.join(directory, "metrics.json"))
     logs = {kind: read_scalars(os.path.join(run_dir, "logs", kind)) for kind in ("train", "eval")}
     wall_times = logs["train"][1] + logs["eval"][1]
     curves, step_losses = _epoch_curves(metrics, {kind: scalars for kind, (scalars, _) in logs.items()})
     return Run(name, directory, metrics, curves, step_losses,
                max(wall_times) - min(wall_times) if wall_times else None)
+
+
+def check_metrics(metrics: dict, path: str) -> None:
+    """Refuses, naming the file and the field, a metrics.json whose fields the report reads have other types."""
+    problems = [f'"{name}" is {_json_type(metrics[name]) if name in metrics else "missing"}'
+                for name, types in METRICS_FIELDS.items()
+                if (name in metrics or type(None) not in types) and not _holds(metrics.get(name), types)]
+    history = metrics.get("history") or []
+    if not problems and not all(isinstance(entry, dict) and all(_holds(entry.get(field), NUMBER)
+                                                                for field in ("epoch", *EPOCH_TAGS))
+                                for entry in history):
+        problems.append('"history" has entries without a number for each of epoch, ' + ", ".join(EPOCH_TAGS))
+    if problems:
+        raise UsageError(f"{path} is not a metrics.json of trainer.task, or it is damaged: {'; '.join(problems)}.")
+
+
+def _holds(value, types: tuple) -> bool:
+    # JSON's true and false are Python bools, which are numbers to isinstance.
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _json_type(value) -> str:
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def download_logs(model_dir: str, local_logs: str) -> None:
@@ -107,7 +152,7 @@ def _epoch_curves(metrics: dict, logs: dict) -> tuple[dict, list]:
     """Per-epoch curves from the TensorBoard logs (metrics.json's history when they are gone), and the
     per-step training loss with steps counted in epochs."""
     if not all(tag in logs[kind] for kind, tag in EPOCH_TAGS.values()):
-        history = metrics.get("history", [])
+        history = metrics.get("history") or []
         return {curve: [(entry["epoch"], entry[curve]) for entry in history] for curve in EPOCH_TAGS}, []
     # Epoch-end scalars are written once per epoch, at the epoch's last global step.
     epoch_ends = [step for step, _ in logs["train"]["accuracy"]]
@@ -127,28 +172,58 @@ def run_names(directories: list[str]) -> list[str]:
 
 
 def write_report(runs: list[Run], output: str) -> str:
-    """Writes README.md and its charts into output; returns the Markdown."""
-    charts = []
+    """Writes README.md and its charts into output; returns the Markdown.
+
+    README.md goes first: it marks the folder as compare's, so that a rerun after a chart failed to write
+    replaces what this run wrote instead of refusing it as the user's.
+    """
+    plots = []
     for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
         panels = {phase: {run.name: run.epoch_curves[f"{phase}_{metric}"] for run in runs}
                   for phase in ("train", "eval")}
-        reports.plot_runs(os.path.join(output, f"{metric}.png"), panels, xlabel="epoch", ylabel=label,
-                          title=f"{label} per epoch")
-        charts.append((f"{label} per epoch (train and eval)", f"{metric}.png"))
+        plots.append((f"{label} per epoch (train and eval)", f"{metric}.png",
+                      dict(panels=panels, xlabel="epoch", ylabel=label, title=f"{label} per epoch")))
     # Worth a chart only when the runs logged more often than once per epoch.
     if any(len(run.step_losses) > len(run.epoch_curves["train_loss"]) for run in runs):
-        reports.plot_runs(os.path.join(output, "train_loss_steps.png"),
-                          {"train": {run.name: run.step_losses for run in runs}}, xlabel="epoch",
-                          ylabel="Loss", title="Training loss at every logged step")
-        charts.append(("Training loss at every logged step", "train_loss_steps.png"))
-    markdown = markdown_report(runs, charts)
-    with open(os.path.join(output, REPORT_FILE), "w") as file:
+        plots.append(("Training loss at every logged step", "train_loss_steps.png",
+                      dict(panels={"train": {run.name: run.step_losses for run in runs}}, xlabel="epoch",
+                           ylabel="Loss", title="Training loss at every logged step")))
+    markdown = markdown_report(runs, [(title, file_name) for title, file_name, _ in plots])
+    with storage.replacing(os.path.join(output, REPORT_FILE), suffix=".md") as file:
         file.write(markdown)
+    for _, file_name, arguments in plots:
+        reports.plot_runs(os.path.join(output, file_name), **arguments)
     return markdown
 
 
+def check_output(output: str) -> None:
+    """Refuses an --output that is not a folder, or a folder whose report files compare did not write: it replaces
+    only its own reports, so a README.md or chart of the user's (--output=. in a repository) is never lost."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output={output} is a file; give a folder for the report (new, or an earlier report's).")
+    report = os.path.join(output, REPORT_FILE)
+    if is_own_report(report):
+        return
+    foreign = [name for name in (REPORT_FILE, *CHART_FILES) if os.path.lexists(os.path.join(output, name))]
+    if foreign:
+        raise UsageError(f"--output={output} already holds {', '.join(foreign)}, which trainer.compare did not write "
+                         "and will not replace; give a new folder, or the folder of an earlier report of compare.")
+
+
+def is_own_report(path: str) -> bool:
+    """Whether path is a README.md that compare wrote (it starts with its marker, or an older report's title)."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            start = file.read(len(REPORT_MARKER) + 1)
+    except OSError:
+        return False
+    return start == REPORT_MARKER + "\n" or bool(OLD_REPORT_TITLE.match(start))
+
+
 def markdown_report(runs: list[Run], charts: list[tuple[str, str]]) -> str:
-    lines = [f"# Comparison of {len(runs)} runs", "", *results_table(runs), ""]
+    lines = [REPORT_MARKER, f"# Comparison of {len(runs)} runs", "", *results_table(runs), ""]
     evaluated_on = {(run.metrics.get("dataset"), run.metrics.get("eval_split")) for run in runs}
     if len(evaluated_on) == 1:
         dataset, split = evaluated_on.pop()
@@ -175,20 +250,20 @@ def markdown_report(runs: list[Run], charts: list[tuple[str, str]]) -> str:
 
 def results_table(runs: list[Run]) -> list[str]:
     """The Markdown table of the runs' results, the best test accuracy in bold."""
-    has_recipe = any(run.metrics.get("flags", {}).get("recipe") for run in runs)
+    has_recipe = any((run.metrics.get("flags") or {}).get("recipe") for run in runs)
     mixed_data = len({(run.metrics.get("dataset"), run.metrics.get("eval_split")) for run in runs}) > 1
     best = max(run.metrics["test_accuracy"] for run in runs)
     header = ["run", "model"] + ["recipe"] * has_recipe + ["evaluated on"] * mixed_data + [
         "test accuracy", "test loss", "epochs", "train time", "wall time", "train img/s", "parameters"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---|" * (has_recipe + mixed_data) + "---:|" * 7]
     for run in runs:
-        metrics, run_flags = run.metrics, run.metrics.get("flags", {})
+        metrics, run_flags = run.metrics, run.metrics.get("flags") or {}
         accuracy = f"{metrics['test_accuracy']:.4f}"
         epochs = f"{metrics['epochs_completed']}"
         if metrics.get("best_epoch") and metrics["best_epoch"] != metrics["epochs_completed"]:
             epochs += f" (best {metrics['best_epoch']})"
-        cells = [run.name, run_flags.get("model", "-")]
-        cells += [run_flags.get("recipe") or "-"] * has_recipe
+        cells = [run.name, str(run_flags.get("model", "-"))]
+        cells += [str(run_flags.get("recipe") or "-")] * has_recipe
         cells += [f"{metrics.get('dataset')} `{metrics.get('eval_split')}`"] * mixed_data
         cells += [f"**{accuracy}**" if metrics["test_accuracy"] == best and len(runs) > 1 else accuracy,
                   f"{metrics['test_loss']:.4f}", epochs, _duration(metrics.get("train_seconds")),
@@ -200,7 +275,7 @@ def results_table(runs: list[Run]) -> list[str]:
 
 def flag_differences(runs: list[Run]) -> dict[str, list]:
     """{flag: [value per run]} for the flags whose values differ between the runs."""
-    all_flags = [run.metrics.get("flags", {}) for run in runs]
+    all_flags = [run.metrics.get("flags") or {} for run in runs]
     names = sorted({name for run_flags in all_flags for name in run_flags} - set(LOCATION_FLAGS))
     return {name: [run_flags.get(name) for run_flags in all_flags] for name in names
             if len({repr(run_flags.get(name)) for run_flags in all_flags}) > 1}
@@ -225,13 +300,18 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"a run is named twice in {' '.join(directories)}; give each run once.")
     if FLAGS.output.startswith("gs://"):
         raise UsageError(f"--output={FLAGS.output}: writing reports to gs:// is not supported; give a local directory.")
+    check_output(FLAGS.output)
     runs = [read_run(directory, name) for directory, name in zip(directories, run_names(directories))]
+    # The table first: a report that cannot be written still leaves its results on the screen.
+    print("\n".join(results_table(runs)), flush=True)
     try:
         os.makedirs(FLAGS.output, exist_ok=True)
+        write_report(runs, FLAGS.output)
     except OSError as error:
-        raise UsageError(f"--output={FLAGS.output} cannot be created ({error.strerror}).") from error
-    write_report(runs, FLAGS.output)
-    print("\n".join(results_table(runs)))
+        # A failed move names the file it would have replaced; a failed creation, only a temporary file.
+        where = f"{error.filename2}: " if error.filename2 else ""
+        raise Failure(f"the report could not be written to {FLAGS.output} ({where}{error.strerror or error}); "
+                      "the table above is its summary.") from error
     logging.info("Wrote the report to %s.", os.path.join(FLAGS.output, REPORT_FILE))
 
 

@@ -1,5 +1,6 @@
 """Evaluates a finished run on a TFDS split: overall, top-5 and per-class metrics, and the confusion matrix."""
 
+import json
 import os
 
 from absl import flags
@@ -13,10 +14,15 @@ from trainer import progress
 from trainer import reports
 from trainer import runs
 from trainer import storage
+from trainer.errors import Failure
 from trainer.errors import UsageError
+from trainer.errors import one_line
 
 USAGE = """Evaluates a finished run on a TFDS split: accuracy, loss, top-5 accuracy, per-class precision and
 recall, the most confused classes; writes evaluation.json and confusion_matrix.png into the run.
+
+Exit status: 0 done; 1 when the results could not be written into the run (the report is printed first);
+2 for bad flags or a directory that is not a run.
 
     python -m trainer.evaluate --model_dir=DIR [--split=test] [--dataset=cifar10] [--data_dir=DIR] [--tta]
 """
@@ -112,9 +118,19 @@ def _ratio(numerator, denominator) -> float | None:
     return float(numerator / denominator) if denominator else None
 
 
-def evaluate_run(model_dir: str, *, split: str | None = None, dataset: str | None = None,
-                 data_dir: str | None = None, tta: bool = False, batch_size: int = 256) -> dict:
+def evaluate_run(model_dir: str, **options) -> dict:
     """Evaluates the run in model_dir; writes evaluation.json and confusion_matrix.png there; returns the results.
+
+    The options are measure_run's.
+    """
+    run_dir, results = measure_run(model_dir, **options)
+    write_results(model_dir, run_dir, results)
+    return results
+
+
+def measure_run(model_dir: str, *, split: str | None = None, dataset: str | None = None,
+                data_dir: str | None = None, tta: bool = False, batch_size: int = 256) -> tuple[str, dict]:
+    """(the local run directory, the results) of evaluating the run in model_dir; writes nothing.
 
     dataset, split and data_dir default to the run's own (its config.json).
     """
@@ -141,14 +157,31 @@ def evaluate_run(model_dir: str, *, split: str | None = None, dataset: str | Non
                                          tta=augmentation["tta_by"] == "evaluate")
     results = {"model_dir": model_dir, "model": config.get("model"), "source": classifier.source, "dataset": dataset,
                "split": split, **augmentation, **summarize(probabilities, labels, info.class_names)}
-    storage.write_json(os.path.join(run_dir, EVALUATION_FILE), results)
-    title = (f"{config.get('model', 'model')} on {dataset} {split}"
+    return run_dir, results
+
+
+def write_results(model_dir: str, run_dir: str, results: dict) -> None:
+    """Writes evaluation.json and confusion_matrix.png into the run, each atomically: a write that fails is one
+    line naming the file (exit status 1) and leaves the file that was there, and no temporary file, behind."""
+    title = (f"{results['model'] or 'model'} on {results['dataset']} {results['split']}"
              f"{f' ({describe_tta(results)})' if results['tta'] else ''}: accuracy {results['accuracy']:.4f}")
-    reports.plot_confusion_matrix(os.path.join(run_dir, CONFUSION_PLOT), results["confusion_matrix"],
-                                  info.class_names, title)
+    writes = ((EVALUATION_FILE, lambda path: _write_json(path, results)),
+              (CONFUSION_PLOT, lambda path: reports.plot_confusion_matrix(path, results["confusion_matrix"],
+                                                                          results["class_names"], title)))
+    for file_name, write in writes:
+        try:
+            write(os.path.join(run_dir, file_name))
+        except OSError as error:
+            raise Failure(f"the results could not be written to {os.path.join(model_dir, file_name)} "
+                          f"({error.strerror or one_line(error)}); the report above is complete.") from error
     runs.save_back(model_dir)
     logging.info("Wrote %s and %s into %s.", EVALUATION_FILE, CONFUSION_PLOT, model_dir)
-    return results
+
+
+def _write_json(path: str, results: dict) -> None:
+    with storage.replacing(path, suffix=".json") as file:
+        json.dump(results, file, indent=2, sort_keys=True)
+        file.write("\n")
 
 
 def format_results(results: dict) -> str:
@@ -198,9 +231,11 @@ def main(argv: list[str]) -> None:
         raise UsageError("--model_dir is required: the directory of a finished run of trainer.task.")
     if FLAGS.batch_size < 1:
         raise UsageError(f"--batch_size={FLAGS.batch_size} must be a positive integer.")
-    results = evaluate_run(FLAGS.model_dir, split=FLAGS.split, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                           tta=FLAGS.tta, batch_size=FLAGS.batch_size)
-    print(format_results(results))
+    run_dir, results = measure_run(FLAGS.model_dir, split=FLAGS.split, dataset=FLAGS.dataset,
+                                   data_dir=FLAGS.data_dir, tta=FLAGS.tta, batch_size=FLAGS.batch_size)
+    # The report first: results that cannot be written are still on the screen.
+    print(format_results(results), flush=True)
+    write_results(FLAGS.model_dir, run_dir, results)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 import csv
 import json
 import os
+import signal
 import sys
+import tempfile
+import unicodedata
 
 from absl import flags
 import numpy as np
@@ -13,16 +16,18 @@ from PIL import ImageOps
 from trainer import cli
 from trainer import progress
 from trainer import runs
+from trainer import storage
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
 USAGE = """Classifies image files (PNG or JPEG, any size, colour or greyscale) with a finished run's model and
 prints the top-k classes with their probabilities per file. Folders are searched recursively.
 
-    python -m trainer.predict --model_dir=DIR PATH... [--top_k=3] [--output=table|csv|json]
+    python -m trainer.predict --model_dir=DIR PATH... [--top_k=3] [--output=table|csv|json] [--output_file=FILE]
 
 Exit status: 0 when every file was classified, 1 when some could not be read (each named on stderr),
-2 for bad flags.
+2 for bad flags, 130 when interrupted (Ctrl-C): --output_file then keeps its old contents and what was
+classified goes to FILE.partial.
 """
 OUTPUTS = ("table", "csv", "json")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -32,6 +37,11 @@ BACKGROUND = (255, 255, 255)
 # (the largest phone cameras') decodes in about a second; a small PNG can claim 13000x13000 pixels (1.6 GB and 11 s
 # to decode) while staying under Pillow's own bomb limit of 179 megapixels.
 MAX_PIXELS = 50_000_000
+# A spreadsheet reads a cell starting with these as a formula (CSV injection); OWASP's advice is a leading apostrophe.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Unicode's bidirectional controls reorder what a terminal shows, so that one name can pass for another.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+PARTIAL_SUFFIX = ".partial"
 
 FLAGS = cli.flag_registry()
 flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task (its --model_dir).",
@@ -39,6 +49,9 @@ flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.t
 flags.DEFINE_integer("top_k", 3, "How many of the most probable classes to show per image.", flag_values=FLAGS)
 flags.DEFINE_enum("output", "table", OUTPUTS, "Output format on stdout.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 64, "Images per prediction batch.", flag_values=FLAGS)
+flags.DEFINE_string("output_file", None, "Write the output to this file instead of stdout. It is replaced only by "
+                    "complete results; when interrupted, it keeps its old contents and what was classified goes to "
+                    "FILE.partial.", flag_values=FLAGS)
 
 
 def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -85,10 +98,27 @@ def load_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     return pixels if channels == 3 else pixels[..., None]
 
 
-def printable(path: str) -> str:
-    """The path as text any terminal can show: bytes that are not UTF-8 (kept by Python as surrogates) become U+FFFD,
-    so a strict UTF-8 stdout never fails on them."""
+def utf8(path: str) -> str:
+    """The path with the bytes that are not UTF-8 (kept by Python as surrogates) as U+FFFD, so a strict UTF-8
+    stdout never fails on them."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def printable(text: str) -> str:
+    """The text as a terminal shows it without acting on it: UTF-8 (see `utf8`), with control characters (escape
+    sequences, carriage returns, ...) and bidirectional controls written as visible escapes such as \\x1b."""
+    return "".join(_escape(character) if unicodedata.category(character) == "Cc" or character in BIDI_CONTROLS
+                   else character for character in utf8(text))
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell no spreadsheet runs as a formula: one starting with =, +, -, @, tab or CR gets an apostrophe."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -99,13 +129,14 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 
 class _Output:
-    """Writes one row per classified file in the chosen format."""
+    """Writes one row per classified file in the chosen format: JSON keeps names exactly (it escapes control
+    characters itself); the table and CSV show them escaped (`printable`), CSV also formula-safe."""
 
     def __init__(self, kind: str, top_k: int, paths: list[str], class_names, stream=None):
         self.kind, self.top_k, self.stream = kind, top_k, stream or sys.stdout
-        self.records = []
+        self.records, self.count = [], 0
         self.path_width = max(len("file"), *(len(printable(path)) for path in paths))
-        self.class_width = max(len(name) for name in class_names)
+        self.class_width = max(len(printable(name)) for name in class_names)
         if kind == "csv":
             self.csv = csv.writer(self.stream)
             self.csv.writerow(["path"] + [f"{field}_{rank}" for rank in range(1, top_k + 1)
@@ -115,22 +146,27 @@ class _Output:
             print(f"{'file':<{self.path_width}}  {'  '.join(columns).rstrip()}", file=self.stream)
 
     def row(self, path: str, predictions: list[tuple[str, float]]) -> None:
-        path = printable(path)
         if self.kind == "json":
-            self.records.append({"path": path, "predictions": [
+            self.records.append({"path": utf8(path), "predictions": [
                 {"class": name, "probability": round(probability, 6)} for name, probability in predictions]})
         elif self.kind == "csv":
-            self.csv.writerow([path] + [value for name, probability in predictions
-                                        for value in (name, f"{probability:.6f}")])
+            self.csv.writerow([spreadsheet_safe(printable(path))] + [
+                value for name, probability in predictions
+                for value in (spreadsheet_safe(printable(name)), f"{probability:.6f}")])
         else:
-            cells = [f"{name:<{self.class_width}} {probability:.4f}" for name, probability in predictions]
-            print(f"{path:<{self.path_width}}  {'  '.join(cells)}", file=self.stream)
+            cells = [f"{printable(name):<{self.class_width}} {probability:.4f}" for name, probability in predictions]
+            print(f"{printable(path):<{self.path_width}}  {'  '.join(cells)}", file=self.stream)
+        self.count += 1
         self.stream.flush()
 
-    def close(self) -> None:
+    def close(self, partial_note: str | None = None) -> None:
+        """Ends the output; JSON cut short is an object that says so, never a list that passes for all files."""
         if self.kind == "json":
-            json.dump(self.records, self.stream, indent=2)
+            records = self.records if partial_note is None else {
+                "partial": True, "note": partial_note, "predictions": self.records}
+            json.dump(records, self.stream, indent=2)
             self.stream.write("\n")
+        self.stream.flush()
 
 
 def predict_files(classifier: runs.Classifier, files: list[str], *, top_k: int, batch_size: int,
@@ -146,7 +182,7 @@ def predict_files(classifier: runs.Classifier, files: list[str], *, top_k: int, 
                 batch_paths.append(path)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 failures.append((path, _reason(error)))
-                print(f"error: {printable(path)}: {failures[-1][1]}", file=sys.stderr)
+                print(f"error: {printable(path)}: {printable(failures[-1][1])}", file=sys.stderr)
         if images:
             probabilities = classifier.probabilities(np.stack(images))
             for path, row in zip(batch_paths, probabilities):
@@ -181,14 +217,75 @@ def main(argv: list[str]) -> int:
     classifier = runs.load_classifier(runs.local_run_dir(FLAGS.model_dir))
     if FLAGS.top_k > len(classifier.class_names):
         raise UsageError(f"--top_k={FLAGS.top_k} is more than the model's {len(classifier.class_names)} classes.")
+    if FLAGS.output_file:
+        check_output_file(FLAGS.output_file)
     files, failures = find_images(paths)
     for path, reason in failures:
-        print(f"error: {printable(path)}: {reason}", file=sys.stderr)
+        print(f"error: {printable(path)}: {printable(reason)}", file=sys.stderr)
     if files:
-        output = _Output(FLAGS.output, FLAGS.top_k, files, classifier.class_names)
-        failures += predict_files(classifier, files, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size, output=output)
-        output.close()
+        stream = open_output_file(FLAGS.output_file) if FLAGS.output_file else sys.stdout
+        output = _Output(FLAGS.output, FLAGS.top_k, files, classifier.class_names, stream)
+        try:
+            failures += predict_files(classifier, files, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
+                                      output=output)
+            output.close()
+            if FLAGS.output_file:
+                stream.close()
+                storage.publish(stream.name, FLAGS.output_file)
+        except KeyboardInterrupt:
+            finish_interrupted(output, len(files), FLAGS.output_file)
+        except BaseException:
+            if FLAGS.output_file:
+                _discard(stream)
+            raise
     return 1 if failures else 0
+
+
+def check_output_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"--output_file={path} is a folder; give the name of a file to write.")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise UsageError(f"--output_file={path}: {os.path.dirname(path)} is not a folder; create it first.")
+
+
+def open_output_file(path: str):
+    """A temporary file beside --output_file for the rows, so that the file itself is replaced only at the end."""
+    try:
+        return tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", prefix=".tmp-", delete=False,
+                                           newline="", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"--output_file={path} cannot be written ({error.strerror}); give a file in a folder "
+                         "you can write to.") from error
+
+
+def finish_interrupted(output: _Output, total: int, output_file: str | None) -> None:
+    """Keeps what was classified before Ctrl-C, marked as partial, and exits with status 130 in one line.
+
+    --output_file keeps its old contents: the partial rows go to FILE.partial, so the file itself only ever
+    holds complete results.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # A second Ctrl-C must not cut the partial results short.
+    note = f"interrupted after classifying {output.count:,} of {total:,} files"
+    output.close(partial_note=f"{note}: these are their results only.")
+    if not output_file:
+        where = "the output above holds those only"
+    elif output.count:
+        output.stream.close()
+        storage.publish(output.stream.name, output_file + PARTIAL_SUFFIX)
+        where = f"their results are in {output_file + PARTIAL_SUFFIX}; {output_file} is left as it was"
+    else:
+        _discard(output.stream)
+        where = f"{output_file} is left as it was"
+    print(f"error: {note}; {where}.", file=sys.stderr)
+    sys.exit(cli.INTERRUPTED_EXIT_CODE)
+
+
+def _discard(stream) -> None:
+    stream.close()
+    try:
+        os.remove(stream.name)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
 """What a finished run reports: metrics.json, the notebook's accuracy and loss charts, and the results tools' charts."""
 
-import os
-import tempfile
-
 import matplotlib
 import numpy as np
 
@@ -86,11 +83,7 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
         axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    directory = os.path.dirname(path) or "."
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".png", delete=False) as file:
-        figure.savefig(file, dpi=100, format="png")
-    plt.close(figure)
-    storage.publish(file.name, path)
+    _save_png(figure, path)
 
 
 def plot_confusion_matrix(path: str, confusion, class_names, title: str) -> None:
@@ -148,9 +141,9 @@ def plot_runs(path: str, panels: dict[str, dict[str, list[tuple[float, float]]]]
 
 
 def _save_png(figure, path: str) -> None:
-    """Writes the figure atomically, so a reader never sees half a PNG."""
-    directory = os.path.dirname(path) or "."
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".png", delete=False) as file:
-        figure.savefig(file, dpi=100, format="png")
-    plt.close(figure)
-    storage.publish(file.name, path)
+    """Writes the figure atomically, so a reader never sees half a PNG and a failed write leaves no temporary file."""
+    try:
+        with storage.replacing(path, "wb", ".png") as file:
+            figure.savefig(file, dpi=100, format="png")
+    finally:
+        plt.close(figure)

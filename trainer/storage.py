@@ -244,3 +244,22 @@ def publish(temporary_path: str, path: str) -> None:
     os.umask(umask)
     os.chmod(temporary_path, 0o666 & ~umask)
     os.replace(temporary_path, path)
+
+
+@contextlib.contextmanager
+def replacing(path: str, mode: str = "w", suffix: str = ""):
+    """A temporary file beside `path` to write, moved onto `path` when the block ends normally.
+
+    When the block or the move fails (a full disk, a read-only folder, `path` being a directory, Ctrl-C), the
+    temporary file is removed and `path` stays as it was: never half a file, never an empty one.
+    """
+    directory = os.path.dirname(path) or "."
+    file = tempfile.NamedTemporaryFile(mode, dir=directory, prefix=".tmp-", suffix=suffix, delete=False)
+    try:
+        with file:
+            yield file
+        publish(file.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(file.name)
+        raise
