@@ -76,8 +76,8 @@ flags.DEFINE_enum("gpu_type", "NVIDIA_TESLA_T4", GPU_TYPES, "GPU model.")
 flags.DEFINE_integer("gpus", 1, "GPUs per machine (multi_gpu, multi_worker).")
 flags.DEFINE_integer("machines", 2, "Machines for --topology=multi_worker.")
 flags.DEFINE_string("machine_type", None, "Compute Engine machine type. Default: one that takes --gpus of "
-                    "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100/H200, a4 for B200); cloud-tpu "
-                    "for TPUs.")
+                    "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100/H200, a4 for B200); "
+                    "cloud-tpu for TPUs.")
 flags.DEFINE_enum("tpu_type", TPU_TYPES[0], TPU_TYPES, "TPU generation for --topology=tpu: TPU_V5_LITEPOD (v5e, "
                   "the newest Vertex AI training offers), or TPU_V3/TPU_V2 (a v3-8 or v2-8 VM).")
 flags.DEFINE_enum("tpu_topology", "2x4", tuple(TPU_V5E_MACHINE_TYPES), "TPU v5e chips of the one host: 1x1, 2x2 "

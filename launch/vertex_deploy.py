@@ -70,8 +70,8 @@ flags.DEFINE_string("name", None, "ID of the Model and, when created, of the end
 flags.DEFINE_string("endpoint", None, "ID of an existing endpoint to deploy to. Default: create one.",
                     flag_values=FLAGS)
 flags.DEFINE_string("machine_type", None, "Compute Engine machine type of each replica. Default: "
-                    f"{DEFAULT_MACHINE_TYPE}, or with --accelerator_type one of the family that GPU attaches to (n1 for "
-                    "T4/P4/V100/P100, g2 for L4, a2 for A100, a3 for H100).", flag_values=FLAGS)
+                    f"{DEFAULT_MACHINE_TYPE}, or with --accelerator_type one of the family that GPU attaches to "
+                    "(n1 for T4/P4/V100/P100, g2 for L4, a2 for A100, a3 for H100).", flag_values=FLAGS)
 flags.DEFINE_enum("accelerator_type", None, SERVING_GPU_TYPES, "GPU per replica; default none.", flag_values=FLAGS)
 flags.DEFINE_integer("accelerator_count", 1, "GPUs per replica with --accelerator_type.", flag_values=FLAGS)
 flags.DEFINE_integer("min_replicas", 1, "Replicas always running.", flag_values=FLAGS)

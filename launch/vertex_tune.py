@@ -104,11 +104,11 @@ def check_flags(trainer_args: list[str]) -> list[dict]:
     given = {argument[2:].partition("=")[0] for argument in trainer_args}
     for name in sorted(given & set(names)):
         raise UsageError(f"trainer flag --{name} is tuned (--parameter); leave it out after --.")
-    if options.algorithm == "grid":
-        for parameter in parameters:
-            cloud.require("doubleValueSpec" not in parameter, f"--algorithm=grid: --parameter {parameter['parameterId']} "
-                          "is a continuous range, which a grid cannot enumerate; give it as discrete values, or use "
-                          "--algorithm=random or bayesian.")
+    for parameter in parameters:
+        # Vertex AI's grid search takes integer, discrete and categorical parameters only.
+        cloud.require(options.algorithm != "grid" or "doubleValueSpec" not in parameter,
+                      f"--algorithm=grid: --parameter {parameter['parameterId']} is a continuous range, which a grid "
+                      "cannot enumerate; give it as discrete values, or use --algorithm=random or bayesian.")
     for parameter in parameters:
         forwarded_flags.check_tuned_values(trainer_args, [], parameter["parameterId"],
                                            tried_values(parameter))
