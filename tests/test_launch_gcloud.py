@@ -133,6 +133,9 @@ def test_deploy_prebuilt_to_an_existing_endpoint(standin):
     assert model.container_spec.image_uri == "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
     assert model.artifact_uri == f"{MODEL_DIR}/export"
     assert ("POST", f"{LOCATION}/endpoints") not in calls
+    # deploy-model reads the Model first (its supportedDeploymentResourcesTypes), then deploys it.
+    assert calls.index(("GET", f"{LOCATION}/models/cifar-model")) < calls.index(
+        ("POST", f"{LOCATION}/endpoints/shared:deployModel"))
     deploy = requests[calls.index(("POST", f"{LOCATION}/endpoints/shared:deployModel"))]
     assert vertex_api.parse(deploy["body"], "DeployModelRequest") == vertex_api.parse(printed["deployModel"],
                                                                                       "DeployModelRequest")
