@@ -64,7 +64,8 @@ def dry_run(*flags: str) -> dict:
     ("--topology=one_gpu", "--spot", f"--image={IMAGE}"),
     ("--topology=multi_gpu", "--gpus=8", "--gpu_type=NVIDIA_H200_141GB", f"--image={IMAGE}"),
     ("--topology=multi_worker", "--machines=3", "--timeout_hours=2", "--env=A=b", "--labels=team=vision",
-     f"--image={IMAGE}"),
+     "--service_account=trainer@my-project.iam.gserviceaccount.com",
+     "--tensorboard=projects/my-project/locations/us-central1/tensorboards/1", f"--image={IMAGE}"),
     ("--topology=tpu", f"--image={TPU_IMAGE}"),
 ], ids=["one_gpu-spot", "multi_gpu-h200", "multi_worker", "tpu"])
 def test_custom_job_reaches_the_api_as_printed(standin, flags):
@@ -77,6 +78,9 @@ def test_custom_job_reaches_the_api_as_printed(standin, flags):
     assert name == f"projects/my-project/locations/us-central1/customJobs/{name.rsplit('/', 1)[1]}"
     pools = request["body"]["jobSpec"]["workerPoolSpecs"]
     assert pools[0]["containerSpec"]["args"][-2:] == ["--model=cnn", "--epochs=3"]
+    if "--topology=multi_worker" in flags:
+        assert request["body"]["jobSpec"]["serviceAccount"] == "trainer@my-project.iam.gserviceaccount.com"
+        assert [pool["replicaCount"] for pool in pools] == ["1", "2"]  # gcloud sends int64 as a string.
     if "--spot" in flags:
         assert request["body"]["jobSpec"]["scheduling"]["strategy"] == "SPOT"
     if "--gpu_type=NVIDIA_H200_141GB" in flags:
@@ -126,7 +130,8 @@ def test_deploy_our_server_to_a_new_endpoint(standin):
 
 
 def test_deploy_prebuilt_to_an_existing_endpoint(standin):
-    printed, requests, calls, resource = deploy_requests(standin, "--prebuilt", "--endpoint=shared")
+    printed, requests, calls, resource = deploy_requests(standin, "--prebuilt", "--endpoint=shared",
+                                                         "--service_account=server@my-project.iam.gserviceaccount.com")
     upload = requests[calls.index(("POST", f"{LOCATION}/models:upload"))]
     model = vertex_api.parse(upload["body"]["model"], "Model")
     assert model == vertex_api.parse(printed["model"], "Model")
@@ -137,8 +142,9 @@ def test_deploy_prebuilt_to_an_existing_endpoint(standin):
     assert calls.index(("GET", f"{LOCATION}/models/cifar-model")) < calls.index(
         ("POST", f"{LOCATION}/endpoints/shared:deployModel"))
     deploy = requests[calls.index(("POST", f"{LOCATION}/endpoints/shared:deployModel"))]
-    assert vertex_api.parse(deploy["body"], "DeployModelRequest") == vertex_api.parse(printed["deployModel"],
-                                                                                      "DeployModelRequest")
+    received = vertex_api.parse(deploy["body"], "DeployModelRequest")
+    assert received == vertex_api.parse(printed["deployModel"], "DeployModelRequest")
+    assert received.deployed_model.service_account == "server@my-project.iam.gserviceaccount.com"
     assert resource == "projects/my-project/locations/us-central1/endpoints/shared"
 
 
