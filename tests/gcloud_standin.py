@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler
@@ -253,11 +252,16 @@ def main() -> None:
         print(f"# The stand-in listens on {url}.", flush=True)
         if options.config_dir:
             environment = gcloud_environment(url, pathlib.Path(options.config_dir))
-            threading.Thread(target=lambda: (time.sleep(0.2), activate_service_account(url, environment))).start()
-            print("# Export this, then run a launcher (without --dry_run) in that shell:")
-            for name, value in environment.items():
-                print(f"export {name}={value}", flush=True)
+            # Activation asks the stand-in for a token, so it runs once the server serves.
+            threading.Thread(target=announce_activation, args=(url, environment), daemon=True).start()
     server.serve_forever()
+
+
+def announce_activation(url: str, environment: dict[str, str]) -> None:
+    activate_service_account(url, environment)
+    print(f"# Activated {ACCOUNT}. Export this, then run a launcher (without --dry_run) in that shell:")
+    for name, value in environment.items():
+        print(f"export {name}={value}", flush=True)
 
 
 if __name__ == "__main__":
