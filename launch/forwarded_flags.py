@@ -1,6 +1,8 @@
 """The trainer's and the server's flags a launcher passes on (after `--`), checked here with their own definitions
 and rules, so that a misspelt flag or a bad value fails in one line before any machine is asked for."""
 
+from collections.abc import Sequence
+
 from absl import flags
 
 from trainer import cli
@@ -11,7 +13,8 @@ from trainer.errors import UsageError
 CONTAINER_FILE_FLAGS = ("weights",)
 
 
-def check_trainer_flags(arguments: list[str], launcher_flags: list[str] = (), local_files: bool = False) -> None:
+def check_trainer_flags(arguments: Sequence[str], launcher_flags: Sequence[str] = (),
+                        local_files: bool = False) -> None:
     """Parses `launcher_flags` + `arguments` as trainer.task would and builds its Config (which checks every value
     and the rules between them), without running anything. `local_files`: the trainer runs on this machine, so
     the files its flags name must exist here."""
@@ -22,7 +25,10 @@ def check_trainer_flags(arguments: list[str], launcher_flags: list[str] = (), lo
         registry(["trainer.task", *launcher_flags, *arguments])
     except flags.Error as error:
         raise UsageError(f"trainer flags after --: {error}") from error
-    config_lib.config_from_flags(registry)
+    try:
+        config_lib.config_from_flags(registry)
+    except UsageError as error:
+        raise UsageError(f"trainer flags after --: {error}") from error
 
 
 def _without_container_file(argument: str) -> str:
@@ -45,11 +51,14 @@ def check_serve_flags(arguments: list[str]) -> None:
         serve.FLAGS(["trainer.serve", "--model_dir=gs://launcher-check/run", *arguments])
     except flags.Error as error:
         raise UsageError(f"trainer.serve flags after --: {error}") from error
-    serve.settings_from_flags()
+    try:
+        serve.settings_from_flags()
+    except UsageError as error:
+        raise UsageError(f"trainer.serve flags after --: {error}") from error
 
 
-def check_tuned_values(trainer_arguments: list[str], launcher_flags: list[str], name: str,
-                       values: list[str]) -> None:
+def check_tuned_values(trainer_arguments: Sequence[str], launcher_flags: Sequence[str], name: str,
+                       values: Sequence[str]) -> None:
     """Each value a tuning trial may give trainer flag `name` (the choices, or a range's ends), with the other
     trainer flags, passes the trainer's checks."""
     for value in values:
