@@ -20,7 +20,8 @@ ARG ACCELERATOR=gpu
 #   NVIDIA container toolkit instead do so for the devices and capabilities the NVIDIA_* variables ask for.
 # - TPU: tensorflow-tpu loads the runtime named by $TPU_LIBRARY_PATH, the variable the Cloud TPU docs set; the tpu
 #   build links the libtpu package's libtpu.so to this fixed path, so the image says which runtime it loads (without
-#   it, tensorflow-tpu 2.20 looks for the package itself, as its start-up log shows).
+#   it, tensorflow-tpu 2.20 looks for the package itself, as its start-up log shows). It is linked to /lib/libtpu.so
+#   too, where Vertex AI's guide for custom TensorFlow containers on TPU VMs asks for it.
 # Each is inert in the images that do not use it. TRAINER_ACCELERATOR is the trainer's --accelerator default, so a
 # GPU or TPU image that lands on a machine without one stops with one error line instead of training on the CPU.
 ENV PYTHONUNBUFFERED=1 \
@@ -45,8 +46,9 @@ RUN case "${ACCELERATOR}" in \
     && pip install --no-deps --require-hashes -r /tmp/requirements/build.txt \
     && pip install --no-deps --require-hashes --no-build-isolation -r "/tmp/requirements/${ACCELERATOR}.txt" \
     && if [ "${ACCELERATOR}" = tpu ]; then \
-        ln -s "$(python -c 'import libtpu; print(libtpu.get_library_path())')" "${TPU_LIBRARY_PATH}" \
-        && test -f "${TPU_LIBRARY_PATH}"; \
+        libtpu="$(python -c 'import libtpu; print(libtpu.get_library_path())')" \
+        && ln -s "${libtpu}" "${TPU_LIBRARY_PATH}" && ln -s "${libtpu}" /lib/libtpu.so \
+        && test -f "${TPU_LIBRARY_PATH}" && test -f /lib/libtpu.so; \
     fi \
     && rm -rf /tmp/requirements
 

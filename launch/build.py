@@ -6,13 +6,18 @@
 The tag is `<commit>-<accelerator>` (the commit's first 12 hex digits), so an image always says which code and
 which TensorFlow build it holds. A working tree with uncommitted changes or untracked files is refused, because
 the image would not match its tag; --allow_dirty builds it anyway as `<commit>-dirty-<accelerator>`, a tag that
-the next dirty build overwrites. The full image reference is the only line on stdout:
+the next dirty build overwrites. The build context is a temporary copy of the files git lists (tracked, and with
+--allow_dirty untracked ones it does not ignore), so a git-ignored file (trainer/runs/, a local build/) never
+reaches the image, whatever .dockerignore lets in. The full image reference is the only line on stdout:
 `IMAGE=$(python -m launch.build ...)`.
 """
 
 import os
 import pathlib
+import shutil
 import subprocess
+import sys
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -60,8 +65,29 @@ def image_tag(context: pathlib.Path, accelerator: str, allow_dirty: bool) -> tup
     return f"{commit[:12]}{dirty}-{accelerator}", commit
 
 
+# Stands for the temporary copy of the checkout in what --dry_run prints.
+BUILD_CONTEXT = "BUILD_CONTEXT"
+
+
+def copy_git_files(context: pathlib.Path, destination: pathlib.Path) -> int:
+    """Copies the files git lists in the checkout (tracked, and untracked but not ignored) to `destination`;
+    returns how many."""
+    names = [name for name in git(context, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+             if name]
+    copied = 0
+    for name in names:
+        source = context / name
+        if not source.is_file():  # Deleted in the working tree, or a submodule.
+            continue
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        copied += 1
+    return copied
+
+
 def build_commands(image: str, accelerator: str, commit: str, builder: str, project: str | None,
-                   context: pathlib.Path) -> list[cloud.Command]:
+                   context: pathlib.Path | str) -> list[cloud.Command]:
     """The commands that build and push `image` (a full reference with its tag)."""
     if builder == "cloud_build":
         substitutions = f"_IMAGE={image},_ACCELERATOR={accelerator},_REVISION={commit}"
@@ -100,13 +126,18 @@ def main(argv: list[str]) -> None:
     context = check_flags()
     tag, commit = image_tag(context, FLAGS.accelerator, FLAGS.allow_dirty)
     image = f"{FLAGS.image}:{tag}"
-    commands = build_commands(image, FLAGS.accelerator, commit, FLAGS.builder, FLAGS.project, context)
     if FLAGS.dry_run:
+        commands = build_commands(image, FLAGS.accelerator, commit, FLAGS.builder, FLAGS.project, BUILD_CONTEXT)
         cloud.print_dry_run(image, commands)
+        print(f"# {BUILD_CONTEXT}: a temporary copy of the files git lists in {context}", file=sys.stderr)
         return
     preflight(FLAGS.builder)
-    for command in commands:
-        cloud.run(command)
+    with tempfile.TemporaryDirectory(prefix="launch-build-") as folder:
+        logging.info("Build context: %d files git lists in %s, copied to %s.", copy_git_files(context, pathlib.Path(
+            folder)), context, folder)
+        for command in build_commands(image, FLAGS.accelerator, commit, FLAGS.builder, FLAGS.project,
+                                      pathlib.Path(folder)):
+            cloud.run(command)
     logging.info("Pushed %s. If the push was refused, run `gcloud auth configure-docker %s`.", image,
                  FLAGS.image.split("/")[0])
     print(image)

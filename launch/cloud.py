@@ -2,12 +2,15 @@
 
 import dataclasses
 import json
+import pathlib
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
+from launch import forwarded_flags
 from trainer.errors import Failure
 from trainer.errors import UsageError
 
@@ -111,7 +114,13 @@ def trainer_flags(arguments: list[str], strategy: str) -> list[str]:
         require(name not in MANAGED_TRAINER_FLAGS,
                 f"trainer flag --{name}: the launcher sets it (--strategy={strategy}, --accelerator and --tpu from the "
                 "machines it asks for, and the output directory from --output_dir); leave it out.")
+    forwarded_flags.check_trainer_flags(arguments, launcher_trainer_flags(strategy))
     return list(arguments)
+
+
+def launcher_trainer_flags(strategy: str) -> list[str]:
+    """The managed trainer flags as the launchers set them, for checking the user's trainer flags beside them."""
+    return [f"--strategy={strategy}", *(["--accelerator=tpu", "--tpu=local"] if strategy == "tpu" else [])]
 
 
 def check_image_accelerator(image: str, accelerator: str) -> None:
@@ -177,15 +186,23 @@ def join_gcs(*parts: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One command line, and what goes to its standard input."""
+    """One command line, and what goes to its standard input or to the file it reads (CONFIG_FILE in argv)."""
 
     argv: tuple[str, ...]
     stdin: str | None = None
     stdin_description: str | None = None
+    config_file: str | None = None
+    config_file_description: str | None = None
 
     def display(self) -> str:
         suffix = f"  # stdin: {self.stdin_description}" if self.stdin_description else ""
+        if self.config_file_description:
+            suffix += f"  # {CONFIG_FILE}: {self.config_file_description}"
         return "+ " + shlex.join(self.argv) + suffix
+
+
+# Stands for the temporary file that holds a Command's config_file, in its argv and in what --dry_run prints.
+CONFIG_FILE = "CONFIG_FILE.json"
 
 
 def require_tool(name: str) -> None:
@@ -246,7 +263,13 @@ def run(command: Command, capture: bool = False) -> str:
     print(command.display(), file=sys.stderr, flush=True)
     # No terminal input otherwise: a tool that would prompt fails at once instead of waiting for an answer.
     stdin = {"input": command.stdin} if command.stdin is not None else {"stdin": subprocess.DEVNULL}
-    result = subprocess.run(list(command.argv), text=True, stdout=subprocess.PIPE if capture else sys.stderr, **stdin)
+    with tempfile.TemporaryDirectory(prefix="launch-") as folder:
+        argv = list(command.argv)
+        if command.config_file is not None:
+            path = pathlib.Path(folder, CONFIG_FILE)
+            path.write_text(command.config_file)
+            argv = [argument.replace(CONFIG_FILE, str(path)) for argument in argv]
+        result = subprocess.run(argv, text=True, stdout=subprocess.PIPE if capture else sys.stderr, **stdin)
     if result.returncode != 0:
         raise CommandError(f"`{shlex.join(command.argv[:4])} ...` failed with exit status {result.returncode}; "
                            "its messages are above.")

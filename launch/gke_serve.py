@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import forwarded_flags
 from trainer import cli
 
 SUBCOMMAND = "serve"
@@ -165,6 +166,7 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
     check_flags()
     serve_args = serve_flags(argv[1:])
+    forwarded_flags.check_serve_flags(serve_args)
     environment = cloud.parse_environment("env", FLAGS.env)
     document = manifests(serve_args, environment)
     apply = cloud.Command(cloud.kubectl(FLAGS.context, "apply", "-f", "-"), stdin=json.dumps(document, indent=2),

@@ -21,6 +21,7 @@ import time
 from absl import flags
 from absl import logging
 
+from launch import forwarded_flags
 from trainer import cli
 from trainer.errors import UsageError
 
@@ -155,6 +156,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--workers={FLAGS.workers} must be at least 1.")
     if FLAGS.restarts < 0:
         raise UsageError(f"--restarts={FLAGS.restarts} must be zero or more.")
+    forwarded_flags.check_trainer_flags(argv[1:], ["--strategy=multi_worker_mirrored"], local_files=True)
     return run(argv[1:], FLAGS.workers, FLAGS.restarts, FLAGS.grace_seconds, FLAGS.cluster_env)
 
 

@@ -56,7 +56,13 @@ DEFAULT_MACHINE_TYPES = {
                           16: "a2-megagpu-16g"},
     "NVIDIA_A100_80GB": {1: "a2-ultragpu-1g", 2: "a2-ultragpu-2g", 4: "a2-ultragpu-4g", 8: "a2-ultragpu-8g"},
     "NVIDIA_H100_80GB": {8: "a3-highgpu-8g"},
+    "NVIDIA_H100_MEGA_80GB": {8: "a3-megagpu-8g"},
+    "NVIDIA_H200_141GB": {8: "a3-ultragpu-8g"},
+    "NVIDIA_B200": {8: "a4-highgpu-8g"},
 }
+# Machine families whose boot disk can only be Hyperdisk (A3 Ultra and A4, behind H200 and B200): Vertex AI's
+# DiskSpec takes "hyperdisk-balanced" there and pd-ssd elsewhere.
+HYPERDISK_ONLY_FAMILIES = ("a3-ultragpu", "a4-", "a4x-")
 
 flags.DEFINE_string("project", os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT"),
                     "Google Cloud project. Default: $GOOGLE_CLOUD_PROJECT.")
@@ -70,7 +76,8 @@ flags.DEFINE_enum("gpu_type", "NVIDIA_TESLA_T4", GPU_TYPES, "GPU model.")
 flags.DEFINE_integer("gpus", 1, "GPUs per machine (multi_gpu, multi_worker).")
 flags.DEFINE_integer("machines", 2, "Machines for --topology=multi_worker.")
 flags.DEFINE_string("machine_type", None, "Compute Engine machine type. Default: one that takes --gpus of "
-                    "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100); cloud-tpu for TPUs.")
+                    "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100/H200, a4 for B200); "
+                    "cloud-tpu for TPUs.")
 flags.DEFINE_enum("tpu_type", TPU_TYPES[0], TPU_TYPES, "TPU generation for --topology=tpu: TPU_V5_LITEPOD (v5e, "
                   "the newest Vertex AI training offers), or TPU_V3/TPU_V2 (a v3-8 or v2-8 VM).")
 flags.DEFINE_enum("tpu_topology", "2x4", tuple(TPU_V5E_MACHINE_TYPES), "TPU v5e chips of the one host: 1x1, 2x2 "
@@ -103,11 +110,15 @@ def machine_spec(topology: str, gpu_type: str, gpus: int, machine_type: str | No
     return {"machineType": machine_type, "acceleratorType": gpu_type, "acceleratorCount": gpus}
 
 
+def boot_disk_type(machine_type: str) -> str:
+    return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY_FAMILIES) else "pd-ssd"
+
+
 def worker_pools(spec: dict, container: dict, topology: str, machines: int, boot_disk_gb: int) -> list[dict]:
     """Pool 0 is the chief; multi_worker adds pool 1 with the other machines, running the same container."""
     pool = {"machineSpec": spec, "replicaCount": 1, "containerSpec": container}
     if topology != "tpu":  # TPU VMs take no diskSpec.
-        pool["diskSpec"] = {"bootDiskType": "pd-ssd", "bootDiskSizeGb": boot_disk_gb}
+        pool["diskSpec"] = {"bootDiskType": boot_disk_type(spec["machineType"]), "bootDiskSizeGb": boot_disk_gb}
     if topology != "multi_worker":
         return [pool]
     return [pool, {**pool, "replicaCount": machines - 1}]

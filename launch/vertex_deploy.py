@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import forwarded_flags
 from trainer import cli
 
 SERVE_COMMAND = ("python", "-m", "trainer.serve")
@@ -35,6 +36,17 @@ ACCELERATOR_COUNTS = (1, 2, 4, 8)
 # The GPUs Vertex AI offers for online prediction (fewer than for training).
 SERVING_GPU_TYPES = ("NVIDIA_TESLA_P4", "NVIDIA_TESLA_T4", "NVIDIA_L4", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P100",
                      "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB", "NVIDIA_H100_80GB")
+# The machine family each serving GPU attaches to, and the default machine type for 1, 2, 4 or 8 of them.
+N1_MACHINES = {1: "n1-standard-4", 2: "n1-standard-8", 4: "n1-standard-16", 8: "n1-standard-32"}
+SERVING_MACHINES = {
+    "NVIDIA_TESLA_P4": ("n1-", N1_MACHINES), "NVIDIA_TESLA_T4": ("n1-", N1_MACHINES),
+    "NVIDIA_TESLA_V100": ("n1-", N1_MACHINES), "NVIDIA_TESLA_P100": ("n1-", N1_MACHINES),
+    "NVIDIA_L4": ("g2-", {1: "g2-standard-4", 2: "g2-standard-24", 4: "g2-standard-48", 8: "g2-standard-96"}),
+    "NVIDIA_TESLA_A100": ("a2-highgpu-", {count: f"a2-highgpu-{count}g" for count in (1, 2, 4, 8)}),
+    "NVIDIA_A100_80GB": ("a2-ultragpu-", {count: f"a2-ultragpu-{count}g" for count in (1, 2, 4, 8)}),
+    "NVIDIA_H100_80GB": ("a3-highgpu-", {8: "a3-highgpu-8g"}),
+}
+DEFAULT_MACHINE_TYPE = "n1-standard-4"
 SUBCOMMAND = "deploy"
 # Model and endpoint IDs: Vertex AI allows [a-z0-9-_] starting with a letter; the ID also goes into the URL path
 # /v1/models/NAME:predict.
@@ -57,8 +69,9 @@ flags.DEFINE_string("name", None, "ID of the Model and, when created, of the end
                     "Default: cifar-<time>.", flag_values=FLAGS)
 flags.DEFINE_string("endpoint", None, "ID of an existing endpoint to deploy to. Default: create one.",
                     flag_values=FLAGS)
-flags.DEFINE_string("machine_type", "n1-standard-4", "Compute Engine machine type of each replica.",
-                    flag_values=FLAGS)
+flags.DEFINE_string("machine_type", None, "Compute Engine machine type of each replica. Default: "
+                    f"{DEFAULT_MACHINE_TYPE}, or with --accelerator_type one of the family that GPU attaches to "
+                    "(n1 for T4/P4/V100/P100, g2 for L4, a2 for A100, a3 for H100).", flag_values=FLAGS)
 flags.DEFINE_enum("accelerator_type", None, SERVING_GPU_TYPES, "GPU per replica; default none.", flag_values=FLAGS)
 flags.DEFINE_integer("accelerator_count", 1, "GPUs per replica with --accelerator_type.", flag_values=FLAGS)
 flags.DEFINE_integer("min_replicas", 1, "Replicas always running.", flag_values=FLAGS)
@@ -80,6 +93,7 @@ def serve_flags(arguments: list[str]) -> list[str]:
         cloud.require(match.group(1) not in MANAGED_SERVE_FLAGS, f"trainer.serve flag --{match.group(1)}: the "
                       "launcher sets it (--model_dir from --model_dir, --name, host and port from Vertex AI); "
                       "leave it out.")
+    forwarded_flags.check_serve_flags(arguments)
     return list(arguments)
 
 
@@ -104,9 +118,24 @@ def model_body(name: str, serve_args: list[str], environment: dict[str, str]) ->
     return {"displayName": name, "artifactUri": FLAGS.model_dir.rstrip("/"), "containerSpec": container}
 
 
+def machine_type(given: str | None, accelerator_type: str | None, accelerator_count: int) -> str:
+    """--machine_type, or the default for the GPUs; a machine of a family the GPU cannot attach to is refused."""
+    if accelerator_type is None:
+        return given or DEFAULT_MACHINE_TYPE
+    family, defaults = SERVING_MACHINES[accelerator_type]
+    if given is not None:
+        cloud.require(given.startswith(family), f"--machine_type={given} cannot take --accelerator_type="
+                      f"{accelerator_type}; give a {family}* machine type.")
+        return given
+    cloud.require(accelerator_count in defaults, f"--accelerator_type={accelerator_type} "
+                  f"--accelerator_count={accelerator_count}: no default machine type; give a {family}* "
+                  "--machine_type that takes that many.")
+    return defaults[accelerator_count]
+
+
 def deploy_body(name: str, model_resource: str) -> dict:
     """The body of projects.locations.endpoints.deployModel."""
-    machine = {"machineType": FLAGS.machine_type}
+    machine = {"machineType": machine_type(FLAGS.machine_type, FLAGS.accelerator_type, FLAGS.accelerator_count)}
     if FLAGS.accelerator_type:
         machine.update(acceleratorType=FLAGS.accelerator_type, acceleratorCount=FLAGS.accelerator_count)
     deployed = {"model": model_resource, "displayName": name,
@@ -172,8 +201,9 @@ def check_flags() -> str:
     cloud.check_name("name", name, MODEL_ID, 63)
     if FLAGS.endpoint is not None:
         cloud.check_name("endpoint", FLAGS.endpoint, MODEL_ID, 63)
-    cloud.check_name("machine_type", FLAGS.machine_type, (r"[a-z][-a-z0-9]*", "a machine type such as "
-                                                          "n1-standard-4"), 63)
+    if FLAGS.machine_type is not None:
+        cloud.check_name("machine_type", FLAGS.machine_type, (r"[a-z][-a-z0-9]*", "a machine type such as "
+                                                              "n1-standard-4"), 63)
     cloud.require(FLAGS.accelerator_count in ACCELERATOR_COUNTS, f"--accelerator_count={FLAGS.accelerator_count} "
                   f"must be one of {', '.join(map(str, ACCELERATOR_COUNTS))}.")
     cloud.require(FLAGS.min_replicas >= 1, f"--min_replicas={FLAGS.min_replicas} must be at least 1 (Vertex AI "

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from launch import cloud
+from launch import forwarded_flags
 from trainer import cli
 from trainer import config as config_lib
 from trainer import hypertune
@@ -103,6 +104,14 @@ def check_flags(trainer_args: list[str]) -> list[dict]:
     given = {argument[2:].partition("=")[0] for argument in trainer_args}
     for name in sorted(given & set(names)):
         raise UsageError(f"trainer flag --{name} is tuned (--parameter); leave it out after --.")
+    for parameter in parameters:
+        # Vertex AI's grid search takes integer, discrete and categorical parameters only.
+        cloud.require(options.algorithm != "grid" or "doubleValueSpec" not in parameter,
+                      f"--algorithm=grid: --parameter {parameter['parameterId']} is a continuous range, which a grid "
+                      "cannot enumerate; give it as discrete values, or use --algorithm=random or bayesian.")
+    for parameter in parameters:
+        forwarded_flags.check_tuned_values(trainer_args, [], parameter["parameterId"],
+                                           tried_values(parameter))
     cloud.require(options.max_trials >= 1, f"--max_trials={options.max_trials} must be at least 1.")
     cloud.require(1 <= options.parallel_trials <= options.max_trials, f"--parallel_trials={options.parallel_trials} "
                   f"must be 1 to --max_trials ({options.max_trials}).")
@@ -111,16 +120,27 @@ def check_flags(trainer_args: list[str]) -> list[dict]:
     return parameters
 
 
+def tried_values(parameter: dict) -> list[str]:
+    """What a trial may pass for a ParameterSpec: every choice, or a range's two ends."""
+    if "categoricalValueSpec" in parameter:
+        return list(parameter["categoricalValueSpec"]["values"])
+    if "discreteValueSpec" in parameter:
+        return [str(value) for value in parameter["discreteValueSpec"]["values"]]
+    spec = parameter.get("integerValueSpec") or parameter["doubleValueSpec"]
+    return [str(spec["minValue"]), str(spec["maxValue"])]
+
+
 def submit_command(body: dict) -> cloud.Command:
     options = flags.FLAGS
     labels = ",".join(f"{key}={value}" for key, value in body["labels"].items())
     argv = ("gcloud", "ai", "hp-tuning-jobs", "create", f"--project={options.project}", f"--region={options.region}",
             f"--display-name={body['displayName']}", f"--labels={labels}",
             f"--max-trial-count={body['maxTrialCount']}", f"--parallel-trial-count={body['parallelTrialCount']}",
-            "--config=-", "--format=value(name)")
+            f"--config={cloud.CONFIG_FILE}", "--format=value(name)")
     config = {key: body[key] for key in ("studySpec", "trialJobSpec", "maxFailedTrialCount") if key in body}
-    return cloud.Command(argv, stdin=json.dumps(config, indent=2),
-                         stdin_description="the request's studySpec and trialJobSpec, printed above")
+    # Unlike `custom-jobs create`, `hp-tuning-jobs create --config=-` does not read stdin: the config goes in a file.
+    return cloud.Command(argv, config_file=json.dumps(config, indent=2),
+                         config_file_description="the request's studySpec and trialJobSpec, printed above")
 
 
 def main(argv: list[str], custom_job_request) -> None:

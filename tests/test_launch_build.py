@@ -1,5 +1,6 @@
 """launch.build: tags by commit, refuses dirty trees, the docker and Cloud Build commands, missing tools."""
 
+import json
 import os
 import pathlib
 import re
@@ -52,7 +53,7 @@ def test_docker_dry_run_tags_the_image_by_commit_and_accelerator(checkout):
     assert result.stdout.strip() == image
     assert printed_commands(result.stderr) == [
         ["docker", "build", "--platform=linux/amd64", "--build-arg=ACCELERATOR=cpu",
-         f"--label=org.opencontainers.image.revision={commit}", f"--tag={image}", str(checkout)],
+         f"--label=org.opencontainers.image.revision={commit}", f"--tag={image}", "BUILD_CONTEXT"],
         ["docker", "push", image]]
 
 
@@ -63,7 +64,7 @@ def test_cloud_build_dry_run_fills_every_substitution_of_the_config(checkout):
     image = f"{REPOSITORY}:{commit[:12]}-tpu"
     (command,) = printed_commands(result.stderr)
     assert command == ["gcloud", "builds", "submit", "--project=my-project", f"--config={CLOUD_BUILD_CONFIG}",
-                       f"--substitutions=_IMAGE={image},_ACCELERATOR=tpu,_REVISION={commit}", str(checkout)]
+                       f"--substitutions=_IMAGE={image},_ACCELERATOR=tpu,_REVISION={commit}", "BUILD_CONTEXT"]
     passed = {item.split("=")[0] for item in command[5].removeprefix("--substitutions=").split(",")}
     assert set(re.findall(r"\$\{(_[A-Z_]+)\}", CLOUD_BUILD_CONFIG.read_text())) == passed
 
@@ -119,6 +120,40 @@ def test_builds_and_pushes_with_docker(checkout, tmp_path):
     image = result.stdout.strip()
     assert [call["argv"][0] for call in tools.calls()] == ["info", "build", "push"]
     assert tools.calls()[2]["argv"] == ["push", image]
+
+
+# A docker that answers `info` and, for `build`, records the files of the context it was given.
+RECORDING_DOCKER = """#!{python}
+import json, os, sys
+if sys.argv[1] == "info":
+    print("28.2.2")
+elif sys.argv[1] == "build":
+    context = sys.argv[-1]
+    files = sorted(os.path.relpath(os.path.join(folder, name), context) for folder, _, names in os.walk(context)
+                   for name in names)
+    with open({log!r}, "w") as log:
+        json.dump(files, log)
+"""
+
+
+def test_git_ignored_files_never_reach_the_build_context(checkout, tmp_path):
+    """.dockerignore lets trainer/ in; a git-ignored trainer/runs/ of the user's must still stay out."""
+    (checkout / ".gitignore").write_text("runs/\nbuild/\n")
+    (checkout / "trainer").mkdir()
+    (checkout / "trainer" / "task.py").write_text("print('train')\n")
+    git(checkout, "add", ".gitignore", "trainer/task.py")
+    git(checkout, "commit", "--quiet", "-m", "trainer")
+    for ignored in ("trainer/runs/cnn/model.keras", "trainer/build/lib/task.py"):
+        (checkout / ignored).parent.mkdir(parents=True)
+        (checkout / ignored).write_text("not committed")
+    tools = FakeTools(tmp_path / "bin")
+    docker = tools.folder / "docker"
+    docker.write_text(RECORDING_DOCKER.format(python=sys.executable, log=str(tmp_path / "context.json")))
+    docker.chmod(0o755)
+    result = build(checkout, env=tools.env())
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "context.json").read_text()) == [".gitignore", "Dockerfile", "trainer/task.py"]
+    assert result.stdout.strip().endswith(f":{git(checkout, 'rev-parse', 'HEAD')[:12]}-gpu")
 
 
 def test_cloud_build_without_credentials_is_one_clear_line(checkout, tmp_path):

@@ -160,7 +160,9 @@ def test_tpu_image_finds_libtpu_trains_on_tensorflow_2_20_and_refuses_a_missing_
     if cifar_dir is None:
         pytest.skip("training in the image needs the prepared CIFAR-10 copy, which is absent")
     tag = "localhost/cifar-trainer:test-tpu"
-    script = ("test -f \"$(readlink -f \"$TPU_LIBRARY_PATH\")\" && echo libtpu-found; "
+    # libtpu.so where TPU_LIBRARY_PATH says, and the same file in /lib (Vertex AI's guide for TPU containers).
+    script = ("test -f \"$(readlink -f \"$TPU_LIBRARY_PATH\")\" && "
+              "test \"$(readlink -f /lib/libtpu.so)\" = \"$(readlink -f \"$TPU_LIBRARY_PATH\")\" && echo libtpu-found; "
               "python -c 'import trainer, tensorflow as tf; print(tf.__version__)' 2>/dev/null; "
               "python -m trainer.task --model_dir=runs/refused 2>&1 | grep '^error:'; "
               "python -m trainer.task --accelerator=auto --data_dir=/home/trainer/tensorflow_datasets "

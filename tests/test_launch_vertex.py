@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -308,3 +309,53 @@ def test_help_lists_the_flags():
     result = run_task("--help", module="launch.vertex", timeout=60)
     assert result.returncode == 0
     assert "--topology" in result.stdout and "--output_dir" in result.stdout
+
+
+@pytest.mark.parametrize("gpu_type, machine_type, disk", [("NVIDIA_B200", "a4-highgpu-8g", "hyperdisk-balanced"),
+                                                         ("NVIDIA_H200_141GB", "a3-ultragpu-8g", "hyperdisk-balanced"),
+                                                         ("NVIDIA_H100_80GB", "a3-highgpu-8g", "pd-ssd")])
+def test_boot_disk_is_one_the_machine_family_accepts(gpu_type, machine_type, disk):
+    """A3 Ultra and A4 machines boot from Hyperdisk only; they refuse pd-ssd."""
+    body, _ = dry_run("--topology=multi_gpu", "--gpus=8", f"--gpu_type={gpu_type}")
+    (pool,) = body["jobSpec"]["workerPoolSpecs"]
+    assert pool["machineSpec"]["machineType"] == machine_type and pool["diskSpec"]["bootDiskType"] == disk
+    vertex_api.parse(body, "CustomJob")
+
+
+DEPLOY = ["deploy", "--project=my-project", "--model_dir=gs://my-bucket/runs/job/model", "--dry_run",
+          "--image=us-docker.pkg.dev/p/r/cifar-trainer:abc-gpu"]
+
+
+@pytest.mark.parametrize("gpu, count, machine_type", [("NVIDIA_L4", 1, "g2-standard-4"),
+                                                      ("NVIDIA_L4", 4, "g2-standard-48"),
+                                                      ("NVIDIA_TESLA_T4", 1, "n1-standard-4"),
+                                                      ("NVIDIA_TESLA_A100", 2, "a2-highgpu-2g")])
+def test_deploy_picks_a_machine_the_gpu_attaches_to(gpu, count, machine_type):
+    result = run_task(*DEPLOY, f"--accelerator_type={gpu}", f"--accelerator_count={count}", module="launch.vertex",
+                      timeout=60)
+    assert result.returncode == 0, result.stderr
+    machine = json.loads(result.stdout)["deployModel"]["deployedModel"]["dedicatedResources"]["machineSpec"]
+    assert machine == {"machineType": machine_type, "acceleratorType": gpu, "acceleratorCount": count}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--accelerator_type=NVIDIA_L4", "--machine_type=n1-standard-8"), "give a g2-* machine type"),
+    (("--accelerator_type=NVIDIA_H100_80GB",), "no default machine type; give a a3-highgpu-*"),
+])
+def test_deploy_refuses_a_machine_the_gpu_cannot_attach_to(flags, expected):
+    result = run_task(*DEPLOY, *flags, module="launch.vertex", timeout=60)
+    assert result.returncode == 2 and expected in single_error_line(result)
+
+
+def test_readme_deploy_command_runs_as_written_with_the_guides_variables():
+    """BUCKET=gs://my-bucket: the deploy section uses $BUCKET, never gs://$BUCKET (which gives gs://gs://)."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    exports = [line for line in readme.splitlines() if line.startswith("export PROJECT=")]
+    section = readme[readme.index("### Deploy to a Vertex AI endpoint"):readme.index("### Deploy to GKE")]
+    command = re.search(r"python -m launch\.vertex deploy .*?(?=\ngcloud)", section, re.S).group(0)
+    script = "\n".join([*exports, "CPU_IMAGE=us-docker.pkg.dev/p/r/cifar-trainer:abc-cpu",
+                        command.replace("\\\n", " ").replace("deploy ", "deploy --dry_run ", 1)])
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["artifactUri"] == "gs://my-bucket/runs/cifar-one-gpu/model"

@@ -38,7 +38,8 @@ def test_tuning_job_from_the_issue_example():
     assert body["trialJobSpec"]["baseOutputDirectory"] == {"outputUriPrefix": "gs://my-bucket/runs/cifar-tune-test"}
     (command,) = commands
     assert command[:4] == ["gcloud", "ai", "hp-tuning-jobs", "create"]
-    assert "--max-trial-count=12" in command and "--parallel-trial-count=3" in command and "--config=-" in command
+    assert "--max-trial-count=12" in command and "--parallel-trial-count=3" in command
+    assert "--config=CONFIG_FILE.json" in command  # hp-tuning-jobs create reads no stdin
 
 
 def test_loss_is_minimised_and_other_spec_kinds_parse():
@@ -77,3 +78,25 @@ def test_a_tuned_flag_may_not_also_be_given_to_the_trainer():
     result = run_task(*BASE, *PARAMETERS, "--dry_run", "--", "--learning_rate=0.01", module="launch.vertex",
                       timeout=60)
     assert "trainer flag --learning_rate is tuned" in single_error_line(result)
+
+
+def test_grid_search_refuses_a_continuous_range():
+    result = run_task(*BASE, "--parameter=learning_rate:log:1e-4:1e-1", "--parameter=epochs:linear:5:10",
+                      "--algorithm=grid", "--dry_run", "--", "--model=cnn", module="launch.vertex", timeout=60)
+    line = single_error_line(result)
+    assert result.returncode == 2 and "--algorithm=grid" in line and "learning_rate" in line, line
+    allowed = run_task(*BASE, "--parameter=learning_rate:discrete:0.01,0.1", "--parameter=epochs:linear:5:10",
+                       "--algorithm=grid", "--dry_run", "--", "--model=cnn", module="launch.vertex", timeout=60)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.parametrize("parameter, trainer, expected", [
+    ("--parameter=model:categorical:cnn,cnnx", ("--epochs=2",), "model=cnnx"),
+    ("--parameter=optimizer:categorical:adam,adamw_typo", ("--model=cnn",), "optimizer=adamw_typo"),
+    ("--parameter=fine_tune_epochs:linear:1:3", ("--model=cnn",), "fine_tune_epochs"),
+])
+def test_each_tuned_value_passes_the_trainers_own_checks(parameter, trainer, expected):
+    """A choice the trainer refuses (or a range no trial could run with these flags) fails before submission."""
+    result = run_task(*BASE, parameter, "--dry_run", "--", *trainer, module="launch.vertex", timeout=60)
+    line = single_error_line(result)
+    assert result.returncode == 2 and expected in line, line

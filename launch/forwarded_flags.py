@@ -1,0 +1,68 @@
+"""The trainer's and the server's flags a launcher passes on (after `--`), checked here with their own definitions
+and rules, so that a misspelt flag or a bad value fails in one line before any machine is asked for."""
+
+from collections.abc import Sequence
+
+from absl import flags
+
+from trainer import cli
+from trainer import config as config_lib
+from trainer.errors import UsageError
+
+# A weights file is read where the trainer runs (inside the image); on this machine it need not exist.
+CONTAINER_FILE_FLAGS = ("weights",)
+
+
+def check_trainer_flags(arguments: Sequence[str], launcher_flags: Sequence[str] = (),
+                        local_files: bool = False) -> None:
+    """Parses `launcher_flags` + `arguments` as trainer.task would and builds its Config (which checks every value
+    and the rules between them), without running anything. `local_files`: the trainer runs on this machine, so
+    the files its flags name must exist here."""
+    registry = config_lib.define_flags(cli.flag_registry())
+    if not local_files:
+        arguments = [_without_container_file(argument) for argument in arguments]
+    try:
+        registry(["trainer.task", *launcher_flags, *arguments])
+    except flags.Error as error:
+        raise UsageError(f"trainer flags after --: {error}") from error
+    try:
+        config_lib.config_from_flags(registry)
+    except UsageError as error:
+        raise UsageError(f"trainer flags after --: {error}") from error
+
+
+def _without_container_file(argument: str) -> str:
+    name, _, value = argument.removeprefix("--").partition("=")
+    if name in CONTAINER_FILE_FLAGS and value not in ("none", "imagenet"):
+        return f"--{name}=none"
+    return argument
+
+
+def check_serve_flags(arguments: list[str]) -> None:
+    """Parses `arguments` as trainer.serve would and checks its settings, without loading any model.
+
+    trainer.serve imports TensorFlow, which takes seconds, so it is imported only when there are flags to check."""
+    if not arguments:
+        return
+    from trainer import serve
+
+    try:
+        serve.FLAGS.unparse_flags()
+        serve.FLAGS(["trainer.serve", "--model_dir=gs://launcher-check/run", *arguments])
+    except flags.Error as error:
+        raise UsageError(f"trainer.serve flags after --: {error}") from error
+    try:
+        serve.settings_from_flags()
+    except UsageError as error:
+        raise UsageError(f"trainer.serve flags after --: {error}") from error
+
+
+def check_tuned_values(trainer_arguments: Sequence[str], launcher_flags: Sequence[str], name: str,
+                       values: Sequence[str]) -> None:
+    """Each value a tuning trial may give trainer flag `name` (the choices, or a range's ends), with the other
+    trainer flags, passes the trainer's checks."""
+    for value in values:
+        try:
+            check_trainer_flags([*trainer_arguments, f"--{name}={value}"], launcher_flags)
+        except UsageError as error:
+            raise UsageError(f"--parameter {name}={value}: {error}") from error
