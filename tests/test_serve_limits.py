@@ -14,7 +14,6 @@ import pytest
 from benchmarks.serving import ServerProcess
 from test_serve import GOOD
 from test_serve import instances
-from test_serve import metric_values
 from test_serve import request
 from test_serve import served_run  # noqa: F401 (a fixture)
 

@@ -175,10 +175,9 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
                                     access_log=False, timeout_keep_alive=5,
                                     timeout_graceful_shutdown=settings.shutdown_grace_s + 5), grace)
     host, port = listener.getsockname()[:2]
-    if not ipaddress.ip_address(host).is_loopback:
-        logging.warning("--host=%s serves beyond this machine: the page and /v1/models/NAME/metadata show the "
-                        "model's directory (%s) to anyone who can reach port %d. Use --host=127.0.0.1 unless other "
-                        "machines must reach the server.", FLAGS.host, settings.model_dir, port)
+    warning = exposure_warning(host, port, settings.model_dir)
+    if warning:
+        logging.warning(warning)
     logging.info("Serving on http://%s:%d/ (%s); loading the model from %s.", host, port,
                  f"dynamic batching up to {settings.max_batch_size} images, {settings.batch_timeout_ms:g} ms"
                  if settings.batching else "no batching", settings.model_dir)
@@ -197,6 +196,15 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
         if isinstance(error, UsageError):
             raise error
         raise UsageError(f"cannot load the model from {settings.model_dir} ({one_line(error, 200)}).") from error
+
+
+def exposure_warning(bound_host: str, port: int, model_dir: str) -> str | None:
+    """What a server listening beyond loopback shows to the network, or None on loopback."""
+    if ipaddress.ip_address(bound_host).is_loopback:
+        return None
+    return (f"--host={bound_host} serves beyond this machine: the page and /v1/models/NAME/metadata show the "
+            f"model's directory ({model_dir}) to anyone who can reach port {port}. Use --host=127.0.0.1 unless other "
+            "machines must reach the server.")
 
 
 def _stopped_by_sigterm(signal_number, frame) -> None:
