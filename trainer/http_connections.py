@@ -23,14 +23,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     started waiting for them (connection open, or the last answer sent), however slowly the bytes trickle in.
 
     At most `max_connections` connections are open: a new one beyond the cap closes the connection that has waited
-    longest for a request's head (an idle keep-alive or a slow client), so the health route stays reachable; when
-    every open connection is busy with a request, the new one is answered 503 and closed.
+    longest for a request's head (an idle keep-alive or a slow client), else the one that has waited longest for a
+    request's body, so the health route stays reachable under slow clients; when every open connection has a whole
+    request being answered, the new one is answered 503 and closed.
     """
 
     def __init__(self, *args, header_timeout: float, max_connections: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout, self.max_connections = header_timeout, max_connections
         self.waiting_since: float | None = None  # Loop time since it waits for a request's head; None meanwhile.
+        self.body_since: float | None = None  # Loop time since it waits for the rest of a request's body.
         self.head_bytes = 0
         self.header_timer: asyncio.TimerHandle | None = None
 
@@ -47,14 +49,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _evict_slowest(self) -> bool:
         waiting = [connection for connection in self.connections
-                   if getattr(connection, "waiting_since", None) is not None and not connection.transport.is_closing()]
+                   if connection.eviction_order() is not None and not connection.transport.is_closing()]
         if not waiting:
             return False
-        slowest = min(waiting, key=lambda connection: connection.waiting_since)
+        slowest = min(waiting, key=lambda connection: connection.eviction_order())
         slowest._close_with(503, "Service Unavailable", "closed to make room for another connection: this one sent "
                             "no complete request for the longest time.")
         slowest.connections.discard(slowest)  # Counted out now; its transport closes on the next loop turn.
         return True
+
+    def eviction_order(self) -> tuple[int, float] | None:
+        """Which connection a new one pushes out first (the smallest): waiting for a head, then for a body, the
+        longest waiting first; None for one whose request is being answered."""
+        if self.waiting_since is not None:
+            return 0, self.waiting_since
+        if self.body_since is not None:
+            return 1, self.body_since
+        return None
 
     def _wait_for_head(self) -> None:
         self.waiting_since, self.head_bytes = self.loop.time(), 0
@@ -73,7 +84,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                              f"--header_timeout_s={self.header_timeout:g}.")
 
     def _close_with(self, status: int, reason: str, message: str) -> None:
-        self.waiting_since = None
+        self.waiting_since = self.body_since = None
         self._cancel_header_timer()
         # Only a connection between requests is answered: one whose request is being answered is just closed.
         if self.cycle is None or self.cycle.response_complete:
@@ -89,9 +100,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                                  f"{MAX_HEAD_BYTES:,} bytes.")
 
     def on_headers_complete(self) -> None:
-        self.waiting_since = None
+        self.waiting_since, self.body_since = None, self.loop.time()
         self._cancel_header_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.body_since = None
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -99,6 +114,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._wait_for_head()
 
     def connection_lost(self, exc) -> None:
-        self.waiting_since = None
+        self.waiting_since = self.body_since = None
         self._cancel_header_timer()
         super().connection_lost(exc)
