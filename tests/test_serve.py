@@ -12,8 +12,11 @@ import json
 import os
 import pathlib
 import re
+import resource
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -23,9 +26,11 @@ import pytest
 from PIL import Image
 
 from benchmarks.serving import ServerProcess
+from helpers import ROOT
 from helpers import fails_in_process
 from helpers import make_config
 from helpers import run_in_process
+from helpers import single_error_line
 from trainer import predict
 from trainer import serve
 
@@ -477,3 +482,19 @@ def test_a_metrics_json_with_wrong_types_is_refused_naming_the_file(served_run, 
     (run / "metrics.json").write_text(json.dumps({**metrics, "test_accuracy": "0.9"}))
     message = fails_in_process(capsys, serve, f"--model_dir={run}", "--port=0")
     assert f"{run / 'metrics.json'} is damaged: its 'test_accuracy' is \"0.9\", not a number." in message
+
+
+def test_max_connections_fits_the_open_files_limit(tmp_path):
+    """Under `ulimit -n 512` the default --max_connections shrinks to fit, with a warning; an explicit one that
+    does not fit is one error line naming the range."""
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trainer.serve", f"--model_dir={tmp_path}", "--port=0", *flags],
+                              capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512)))
+
+    by_default = run()
+    assert "--max_connections=448 by default, the most the open-files limit (ulimit -n) allows." in by_default.stderr
+    assert "has no export/ folder" in single_error_line(by_default)  # Past the flags: they were accepted.
+    assert "--max_connections=1000 must be from 1 to 448 (the open-files limit" in single_error_line(
+        run("--max_connections=1000"))

@@ -84,7 +84,13 @@ def settings_from_flags() -> server_lib.ServerSettings:
                          "trainer.task.")
     for flag, (minimum, maximum) in FLAG_RANGES.items():
         check_range(flag, FLAGS[flag].value, minimum, maximum)
-    check_range("max_connections", FLAGS.max_connections, 1, open_files_limit() - RESERVED_FILES,
+    max_connections = FLAGS.max_connections
+    allowed = max_connections_allowed(max_connections)
+    if not FLAGS["max_connections"].present and max_connections > allowed:
+        logging.warning("--max_connections=%d by default, the most the open-files limit (ulimit -n) allows.",
+                        allowed)
+        max_connections = allowed
+    check_range("max_connections", max_connections, 1, allowed,
                 " (the open-files limit, ulimit -n, less what the server keeps for itself)")
     if FLAGS.max_inflight_bytes < FLAGS.max_request_bytes:
         raise UsageError(f"--max_inflight_bytes={FLAGS.max_inflight_bytes:,} must be at least --max_request_bytes="
@@ -96,7 +102,8 @@ def settings_from_flags() -> server_lib.ServerSettings:
         model_name=served_model.check_name(FLAGS.model_name) if FLAGS.model_name else None,
         top_k=FLAGS.top_k, batching=FLAGS.batching, max_batch_size=FLAGS.max_batch_size,
         batch_timeout_ms=FLAGS.batch_timeout_ms, model_threads=FLAGS.model_threads,
-        body_timeout_s=FLAGS.body_timeout_s, max_inflight_bytes=FLAGS.max_inflight_bytes,
+        header_timeout_s=FLAGS.header_timeout_s, body_timeout_s=FLAGS.body_timeout_s,
+        max_connections=max_connections, max_inflight_bytes=FLAGS.max_inflight_bytes,
         shutdown_grace_s=FLAGS.shutdown_grace_s,
         predict_route=_route_from_environment("AIP_PREDICT_ROUTE"),
         health_route=_route_from_environment("AIP_HEALTH_ROUTE"))
@@ -111,9 +118,16 @@ def _number(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) and abs(value) >= 10_000 else f"{value:g}"
 
 
-def open_files_limit() -> int:
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+def max_connections_allowed(wanted: int) -> int:
+    """The most connections the open-files limit leaves room for, once the soft limit is raised as far as the
+    hard limit allows towards `wanted` (a container's soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(raised, soft), hard))
+        soft = max(raised, soft)
+    return (1 << 30 if soft == resource.RLIM_INFINITY else soft) - RESERVED_FILES
 
 
 def _route_from_environment(variable: str) -> str | None:
@@ -169,8 +183,8 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
     # uvicorn has no deadline for a request's head and no cap on connections that spares the health route:
     # its protocol, extended (trainer/http_connections.py), adds them. Its own graceful-shutdown timeout is only a
     # backstop: the application answers what outlives --shutdown_grace_s itself, with a JSON 503.
-    protocol = functools.partial(http_connections.LimitedHttpProtocol, header_timeout=FLAGS.header_timeout_s,
-                                 max_connections=FLAGS.max_connections)
+    protocol = functools.partial(http_connections.LimitedHttpProtocol, header_timeout=settings.header_timeout_s,
+                                 max_connections=settings.max_connections)
     server = _Server(uvicorn.Config(application, http=protocol, log_config=None, log_level="warning",
                                     access_log=False, timeout_keep_alive=5,
                                     timeout_graceful_shutdown=settings.shutdown_grace_s + 5), grace)

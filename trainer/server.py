@@ -55,7 +55,9 @@ class ServerSettings:
     max_batch_size: int = 32
     batch_timeout_ms: float = 2.0
     model_threads: int = 2
+    header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    max_connections: int = 1000
     max_inflight_bytes: int = 256 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     # Vertex AI's custom-container contract: the routes it sends predictions and health checks to.
@@ -213,7 +215,9 @@ def _add_status_routes(app: FastAPI, state: _State) -> None:
                             "max_image_pixels": settings.limits.max_image_pixels,
                             "batching": settings.batching, "max_batch_size": settings.max_batch_size,
                             "batch_timeout_ms": settings.batch_timeout_ms,
+                            "header_timeout_s": settings.header_timeout_s,
                             "body_timeout_s": settings.body_timeout_s,
+                            "max_connections": settings.max_connections,
                             "max_inflight_bytes": settings.max_inflight_bytes,
                             "predict_route": f"/v1/models/{model.name}:predict"}}
 
