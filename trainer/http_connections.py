@@ -48,8 +48,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._wait_for_head()
 
     def _evict_slowest(self) -> bool:
-        waiting = [connection for connection in self.connections
-                   if connection.eviction_order() is not None and not connection.transport.is_closing()]
+        waiting = [connection for connection in self.connections if isinstance(connection, LimitedHttpProtocol)
+                   and connection.eviction_order() is not None and not connection.transport.is_closing()]
         if not waiting:
             return False
         slowest = min(waiting, key=lambda connection: connection.eviction_order())

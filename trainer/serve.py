@@ -185,7 +185,8 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
     # backstop: the application answers what outlives --shutdown_grace_s itself, with a JSON 503.
     protocol = functools.partial(http_connections.LimitedHttpProtocol, header_timeout=settings.header_timeout_s,
                                  max_connections=settings.max_connections)
-    server = _Server(uvicorn.Config(application, http=protocol, log_config=None, log_level="warning",
+    # ws="none": the server has no WebSocket route, and an upgraded connection would escape the limits above.
+    server = _Server(uvicorn.Config(application, http=protocol, ws="none", log_config=None, log_level="warning",
                                     access_log=False, timeout_keep_alive=5,
                                     timeout_graceful_shutdown=settings.shutdown_grace_s + 5), grace)
     host, port = listener.getsockname()[:2]
