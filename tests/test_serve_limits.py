@@ -14,6 +14,7 @@ import pytest
 from benchmarks.serving import ServerProcess
 from test_serve import GOOD
 from test_serve import instances
+from test_serve import metric_values
 from test_serve import request
 from test_serve import served_run  # noqa: F401 (a fixture)
 
@@ -147,6 +148,24 @@ def test_bodies_in_flight_are_capped_and_their_memory_given_back(server):
     while request(server.url, "POST", PREDICT, instances(GOOD), {"Content-Type": "application/json"})[0] != 200:
         assert time.monotonic() < deadline, "the held bodies' memory was not given back"
         time.sleep(0.2)
+
+
+def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(server):
+    """No 5xx in /metrics and nothing in the log: the client left, the server did nothing wrong."""
+    before, log_length = metric_values(server.url), len(server.log())
+    for _ in range(3):
+        with socket.create_connection(address(server.url), timeout=10) as connection:
+            connection.sendall(b"POST /v1/models/cnn:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: 5000\r\n\r\n" + instances(GOOD)[:100])
+            time.sleep(0.2)
+    time.sleep(0.5)
+    after = metric_values(server.url)
+    server_errors = {key: value - before.get(key, 0) for key, value in after.items()
+                     if key.startswith("serving_requests_total") and 'code="5' in key}
+    assert not any(server_errors.values()), server_errors
+    assert after['serving_requests_total{code="499",route="/v1/models/{name:model}:predict"}'] - before.get(
+        'serving_requests_total{code="499",route="/v1/models/{name:model}:predict"}', 0) == 3
+    assert server.log()[log_length:].strip() == ""
 
 
 @pytest.mark.parametrize("opening, closing", [("[", "]"), ('{"a":', "}")])
