@@ -260,6 +260,11 @@ BAD_REQUESTS = {
     "unknown model": ("POST", "/v1/models/resnet:predict", instances(GOOD), JSON, 404,
                       "no model named 'resnet'; this server serves 'cnn'"),
     "wrong method": ("GET", "/v1/models/cnn:predict", None, {}, 405, "GET is not allowed"),
+    # Pillow reads an EPS file's size, then needs Ghostscript to draw it.
+    "EPS image": ("POST", "/v1/models/cnn:predict", instances(encode(np.zeros((8, 8, 3), np.uint8), "EPS")), JSON,
+                  400, "instances[0]: EPS images are not supported; send PNG, JPEG, MPO, GIF, BMP or WEBP."),
+    "JSON nested too deeply": ("POST", "/v1/models/cnn:predict", b"[" * 100_000 + b"]" * 100_000, JSON, 400,
+                               "the body's JSON is nested too deeply"),
 }
 
 
@@ -309,10 +314,12 @@ def test_flags_and_vertex_environment(monkeypatch, capsys, tmp_path):
         serve.FLAGS.unparse_flags()
     monkeypatch.setenv("AIP_HTTP_PORT", "http")
     assert "$AIP_HTTP_PORT='http' is not a port number" in fails_in_process(capsys, serve)
-    for flag, message in (("--max_batch_size=0", "--max_batch_size=0 must be at least 1"),
+    for flag, message in (("--max_batch_size=0", "--max_batch_size=0 must be from 1 to 4096."),
                           ("--model_name=a/b", "--model_name='a/b' is not valid"),
-                          ("--batch_timeout_ms=-1", "--batch_timeout_ms=-1.0 must be zero or more")):
+                          ("--batch_timeout_ms=-1", "--batch_timeout_ms=-1 must be from 0 to 1000.")):
         assert message in fails_in_process(capsys, serve, f"--model_dir={tmp_path}", flag)
+
+
 
 
 def test_a_busy_port_is_one_error_line(tmp_path, capsys, served_run):

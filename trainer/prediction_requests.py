@@ -20,6 +20,8 @@ from trainer.errors import one_line
 # decoding; Pillow's warning for large images would only repeat it.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 JSON_TYPE = "application/json"
+# Formats Pillow decodes by itself (MPO: a camera's JPEG); others, such as EPS, would need outside programs.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP")
 INSTANCE_FORMS = '{"b64": "<base64 file bytes>"} or {"image_bytes": {"b64": "<base64 file bytes>"}}'
 
 
@@ -64,6 +66,9 @@ def parse_body(body: bytes, limits: Limits, num_classes: int, default_top_k: int
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, f"the body is not valid JSON ({error}).") from error
+    except RecursionError as error:  # Raised by the parser itself, before any of our code sees the value.
+        raise RequestError(400, "the body's JSON is nested too deeply; a request is "
+                                '{"instances": [...]} with one level per instance.') from error
     if not isinstance(request, dict) or "instances" not in request:
         raise RequestError(400, 'the body must be a JSON object {"instances": [...]}, each instance '
                                 f"{INSTANCE_FORMS}.")
@@ -103,7 +108,10 @@ def too_many_pixels(index: int, declared: str, limits: Limits) -> RequestError:
 
 
 def _preview(value) -> str:
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        return "a deeply nested value"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -128,6 +136,7 @@ def decode_image(index: int, data: bytes, image_shape: tuple[int, int, int], lim
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size  # Read from the header: nothing is decoded yet.
+            image_format = image.format
     except Image.UnidentifiedImageError as error:
         raise RequestError(400, f"instances[{index}]: not an image file ({len(data):,} bytes that Pillow cannot "
                                 "read; PNG or JPEG expected).") from error
@@ -135,6 +144,9 @@ def decode_image(index: int, data: bytes, image_shape: tuple[int, int, int], lim
         raise too_many_pixels(index, "more pixels than Pillow allows", limits) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise RequestError(400, f"instances[{index}]: cannot read the image ({one_line(error, 200)}).") from error
+    if image_format not in SUPPORTED_FORMATS:
+        raise RequestError(400, f"instances[{index}]: {image_format} images are not supported; send "
+                                f"{', '.join(SUPPORTED_FORMATS[:-1])} or {SUPPORTED_FORMATS[-1]}.")
     if width * height > limits.max_image_pixels:
         raise too_many_pixels(index, f"{width:,}x{height:,} pixels", limits)
     try:

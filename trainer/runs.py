@@ -58,14 +58,33 @@ def load_classifier(run_dir: str, data_dir: str | None = None) -> Classifier:
 
 
 def _exported_classifier(export_dir: str) -> Classifier:
+    labels_path = os.path.join(export_dir, "assets.extra", "labels.txt")
     try:
         loaded = tf.saved_model.load(export_dir)
         (spec,) = loaded.serve.input_signature
-        with open(os.path.join(export_dir, "assets.extra", "labels.txt")) as file:
+        with open(labels_path) as file:
             class_names = tuple(line.strip() for line in file if line.strip())
     except (OSError, ValueError, AttributeError, tf.errors.OpError) as error:
         raise UsageError(f"{export_dir} is not an export of trainer.task ({one_line(error, 200)}).") from error
+    check_class_names(class_names, _output_count(loaded), labels_path)
     return Classifier(lambda images: loaded.serve(images).numpy(), tuple(spec.shape[1:]), class_names, export_dir)
+
+
+def check_class_names(class_names: tuple[str, ...], num_outputs: int | None, labels_path: str) -> None:
+    """Refuses labels that do not name the model's outputs one to one: too few would fail every prediction of the
+    last classes, too many would silently name the wrong ones."""
+    if num_outputs is not None and len(class_names) != num_outputs:
+        raise UsageError(f"{labels_path} names {len(class_names)} classes but the model has {num_outputs} outputs; "
+                         "the run's export is damaged or mixed up with another (export it again, or write one class "
+                         "name a line, in the model's order).")
+
+
+def _output_count(loaded) -> int | None:
+    """The number of classes the exported model scores, from its `serve` signature (None when it does not say)."""
+    outputs = [function.structured_outputs for function in loaded.serve.concrete_functions]
+    if outputs and isinstance(outputs[0], tf.TensorSpec) and outputs[0].shape.rank == 2:
+        return outputs[0].shape[-1]
+    return None
 
 
 def _checkpoint_classifier(run_dir: str, data_dir: str | None) -> Classifier:

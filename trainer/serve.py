@@ -1,6 +1,10 @@
 """Serves a finished run's model: a web page to classify images, and a TF Serving / Vertex AI prediction API."""
 
+import functools
+import ipaddress
+import math
 import os
+import resource
 import signal
 import socket
 
@@ -9,6 +13,7 @@ from absl import logging
 import uvicorn
 
 from trainer import cli
+from trainer import http_connections
 from trainer import prediction_requests
 from trainer import served_model
 from trainer import server as server_lib
@@ -28,6 +33,8 @@ served (no export/, unreadable) or a flag is wrong.
 """
 DEFAULT_PORT = 8080
 MEBIBYTE = 1024 * 1024
+# File descriptors kept free beyond --max_connections: the model's files, logs, the listening socket, threads.
+RESERVED_FILES = 64
 
 FLAGS = cli.flag_registry()
 flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.task, local or gs://. Default: "
@@ -51,6 +58,22 @@ flags.DEFINE_integer("max_request_bytes", 16 * MEBIBYTE, "Largest request body a
 flags.DEFINE_integer("max_instances", 64, "Most images in one request.", flag_values=FLAGS)
 flags.DEFINE_integer("max_image_pixels", 50_000_000, "Largest image accepted, in pixels (width x height), checked "
                      "from its header before decoding.", flag_values=FLAGS)
+flags.DEFINE_float("header_timeout_s", 10.0, "Seconds a connection has to send a request's line and headers, from "
+                   "when it opens or its last answer was sent (408 after).", flag_values=FLAGS)
+flags.DEFINE_float("body_timeout_s", 60.0, "Seconds a request's whole body has to arrive once its headers have "
+                   "(408 after).", flag_values=FLAGS)
+flags.DEFINE_integer("max_connections", 1000, "Most connections open at once. Beyond it the one that has waited "
+                     "longest for a request is closed; when all are busy, the new one gets a 503.", flag_values=FLAGS)
+flags.DEFINE_integer("max_inflight_bytes", 256 * MEBIBYTE, "Most bytes of request bodies held at once, all requests "
+                     "together (503 beyond it).", flag_values=FLAGS)
+flags.DEFINE_float("shutdown_grace_s", 30.0, "On SIGTERM, seconds the requests in flight have to finish; those "
+                   "still running then are answered 503.", flag_values=FLAGS)
+
+# Each numeric flag's valid range: a value outside it (or inf, nan) is refused before anything starts.
+FLAG_RANGES = {"top_k": (1, 1000), "max_batch_size": (1, 4096), "batch_timeout_ms": (0, 1000),
+               "model_threads": (1, 256), "max_request_bytes": (1024, 1024 * MEBIBYTE), "max_instances": (1, 10_000),
+               "max_image_pixels": (1, 1_000_000_000), "header_timeout_s": (0.1, 3600), "body_timeout_s": (0.1, 3600),
+               "max_inflight_bytes": (1024, 64 * 1024 * MEBIBYTE), "shutdown_grace_s": (0, 3600)}
 
 
 def settings_from_flags() -> server_lib.ServerSettings:
@@ -59,12 +82,19 @@ def settings_from_flags() -> server_lib.ServerSettings:
     if not model_dir:
         raise UsageError("--model_dir is required (or $AIP_STORAGE_URI): the directory of a finished run of "
                          "trainer.task.")
-    for flag, minimum in (("top_k", 1), ("max_batch_size", 1), ("model_threads", 1), ("max_request_bytes", 1024),
-                          ("max_instances", 1), ("max_image_pixels", 1)):
-        if FLAGS[flag].value < minimum:
-            raise UsageError(f"--{flag}={FLAGS[flag].value} must be at least {minimum}.")
-    if FLAGS.batch_timeout_ms < 0:
-        raise UsageError(f"--batch_timeout_ms={FLAGS.batch_timeout_ms} must be zero or more.")
+    for flag, (minimum, maximum) in FLAG_RANGES.items():
+        check_range(flag, FLAGS[flag].value, minimum, maximum)
+    max_connections = FLAGS.max_connections
+    allowed = max_connections_allowed(max_connections)
+    if not FLAGS["max_connections"].present and max_connections > allowed:
+        logging.warning("--max_connections=%d by default, the most the open-files limit (ulimit -n) allows.",
+                        allowed)
+        max_connections = allowed
+    check_range("max_connections", max_connections, 1, allowed,
+                " (the open-files limit, ulimit -n, less what the server keeps for itself)")
+    if FLAGS.max_inflight_bytes < FLAGS.max_request_bytes:
+        raise UsageError(f"--max_inflight_bytes={FLAGS.max_inflight_bytes:,} must be at least --max_request_bytes="
+                         f"{FLAGS.max_request_bytes:,}, or a request of the largest size could never be answered.")
     limits = prediction_requests.Limits(max_request_bytes=FLAGS.max_request_bytes, max_instances=FLAGS.max_instances,
                                         max_image_pixels=FLAGS.max_image_pixels)
     return server_lib.ServerSettings(
@@ -72,8 +102,32 @@ def settings_from_flags() -> server_lib.ServerSettings:
         model_name=served_model.check_name(FLAGS.model_name) if FLAGS.model_name else None,
         top_k=FLAGS.top_k, batching=FLAGS.batching, max_batch_size=FLAGS.max_batch_size,
         batch_timeout_ms=FLAGS.batch_timeout_ms, model_threads=FLAGS.model_threads,
+        header_timeout_s=FLAGS.header_timeout_s, body_timeout_s=FLAGS.body_timeout_s,
+        max_connections=max_connections, max_inflight_bytes=FLAGS.max_inflight_bytes,
+        shutdown_grace_s=FLAGS.shutdown_grace_s,
         predict_route=_route_from_environment("AIP_PREDICT_ROUTE"),
         health_route=_route_from_environment("AIP_HEALTH_ROUTE"))
+
+
+def check_range(flag: str, value: float, minimum: float, maximum: float, why: str = "") -> None:
+    if not (math.isfinite(value) and minimum <= value <= maximum):
+        raise UsageError(f"--{flag}={_number(value)} must be from {_number(minimum)} to {_number(maximum)}{why}.")
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10_000 else f"{value:g}"
+
+
+def max_connections_allowed(wanted: int) -> int:
+    """The most connections the open-files limit leaves room for, once the soft limit is raised as far as the
+    hard limit allows towards `wanted` (a container's soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(raised, soft), hard))
+        soft = max(raised, soft)
+    return (1 << 30 if soft == resource.RLIM_INFINITY else soft) - RESERVED_FILES
 
 
 def _route_from_environment(variable: str) -> str | None:
@@ -125,9 +179,20 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
         settings, lambda: served_model.load(settings.model_dir, settings.model_name, warm_up), on_load_failure)
     # No access log: a line per request would cost more than a small model's prediction. uvicorn's warnings go
     # through the job's own log handler (log_config=None leaves logging as absl set it up).
-    server = uvicorn.Server(uvicorn.Config(application, log_config=None, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=10))
+    grace = application.state.serving.grace
+    # uvicorn has no deadline for a request's head and no cap on connections that spares the health route:
+    # its protocol, extended (trainer/http_connections.py), adds them. Its own graceful-shutdown timeout is only a
+    # backstop: the application answers what outlives --shutdown_grace_s itself, with a JSON 503.
+    protocol = functools.partial(http_connections.LimitedHttpProtocol, header_timeout=settings.header_timeout_s,
+                                 max_connections=settings.max_connections)
+    # ws="none": the server has no WebSocket route, and an upgraded connection would escape the limits above.
+    server = _Server(uvicorn.Config(application, http=protocol, ws="none", log_config=None, log_level="warning",
+                                    access_log=False, timeout_keep_alive=5,
+                                    timeout_graceful_shutdown=settings.shutdown_grace_s + 5), grace)
     host, port = listener.getsockname()[:2]
+    warning = exposure_warning(host, port, settings.model_dir)
+    if warning:
+        logging.warning(warning)
     logging.info("Serving on http://%s:%d/ (%s); loading the model from %s.", host, port,
                  f"dynamic batching up to {settings.max_batch_size} images, {settings.batch_timeout_ms:g} ms"
                  if settings.batching else "no batching", settings.model_dir)
@@ -139,6 +204,8 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
         server.run(sockets=[listener])
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+    if server.stop_signal:
+        logging.info("Stopped on %s: %s.", server.stop_signal, grace.summary())
     if failures:
         error = failures[0]
         if isinstance(error, UsageError):
@@ -146,8 +213,30 @@ def serve(settings: server_lib.ServerSettings, listener: socket.socket) -> None:
         raise UsageError(f"cannot load the model from {settings.model_dir} ({one_line(error, 200)}).") from error
 
 
+def exposure_warning(bound_host: str, port: int, model_dir: str) -> str | None:
+    """What a server listening beyond loopback shows to the network, or None on loopback."""
+    if ipaddress.ip_address(bound_host).is_loopback:
+        return None
+    return (f"--host={bound_host} serves beyond this machine: the page and /v1/models/NAME/metadata show the "
+            f"model's directory ({model_dir}) to anyone who can reach port {port}. Use --host=127.0.0.1 unless other "
+            "machines must reach the server.")
+
+
 def _stopped_by_sigterm(signal_number, frame) -> None:
-    logging.info("Stopped on SIGTERM after answering the requests in flight.")
+    pass  # serve() logs how the requests in flight ended.
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also starts the application's shutdown grace when a signal stops it."""
+
+    def __init__(self, config: uvicorn.Config, grace):
+        super().__init__(config)
+        self.grace, self.stop_signal = grace, None
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.stop_signal = self.stop_signal or signal.Signals(sig).name
+        self.grace.begin()
 
 
 def main(argv: list[str]) -> None:

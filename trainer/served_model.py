@@ -1,6 +1,7 @@
 """The model a prediction server serves: a finished run's export, what the page shows about it, and its answers."""
 
 import dataclasses
+import json
 import os
 import re
 import time
@@ -96,14 +97,43 @@ def load(model_dir: str, name: str | None, warm_up_batch_sizes: tuple[int, ...] 
 
 def describe(run_dir: str, model_dir: str, name: str, classifier: runs.Classifier) -> dict:
     """What the page and the metadata route show: the network, its recipe, its test accuracy, its classes."""
-    metrics = storage.read_json(os.path.join(run_dir, "metrics.json")) or {}
-    config = runs.read_run_config(run_dir) or metrics.get("flags", {})
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    metrics = _checked_fields(metrics_path, storage.read_json(metrics_path) or {}, METRICS_FIELDS)
+    config_path = os.path.join(run_dir, storage.CONFIG_FILE)
+    config = _checked_fields(config_path, runs.read_run_config(run_dir), CONFIG_FIELDS) or \
+        _checked_fields(f"{metrics_path} (its flags)", metrics.get("flags") or {}, CONFIG_FIELDS)
     return {"name": name, "model_dir": model_dir, "network": config.get("model"), "recipe": config.get("recipe"),
             "dataset": metrics.get("dataset") or config.get("dataset"),
             "test_accuracy": metrics.get("test_accuracy"), "test_split": metrics.get("eval_split"),
             "epochs": metrics.get("epochs_completed"), "num_parameters": metrics.get("num_parameters"),
             "tta": bool(config.get("tta")), "image_shape": list(classifier.image_shape),
             "classes": list(classifier.class_names)}
+
+
+# What the page and the metadata show from the run's files, and the JSON type each may have (null: unknown).
+METRICS_FIELDS = {"test_accuracy": float, "eval_split": str, "epochs_completed": int, "num_parameters": int,
+                  "dataset": str, "flags": dict}
+CONFIG_FIELDS = {"model": str, "recipe": str, "dataset": str, "tta": bool}
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", bool: "true or false"}
+
+
+def _checked_fields(path: str, values: dict, types: dict) -> dict:
+    """`values` once each field it holds has its type: a file edited by hand or by another program is refused
+    naming the file, instead of failing later in the middle of formatting it."""
+    for field, expected in types.items():
+        value = values.get(field)
+        if value is not None and not _has_type(value, expected):
+            raise UsageError(f"{path} is damaged: its {field!r} is {json.dumps(value)[:60]}, not "
+                             f"{TYPE_NAMES[expected]}.")
+    return values
+
+
+def _has_type(value, expected: type) -> bool:
+    if isinstance(value, bool):  # JSON's true and false are not numbers, though Python's bool is an int.
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
 
 
 def summary(description: dict) -> str:

@@ -18,8 +18,10 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette import convertors
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from trainer import batching
+from trainer import inflight_requests
 from trainer import prediction_requests
 from trainer import served_model
 from trainer import serving_metrics
@@ -28,6 +30,8 @@ from trainer.prediction_requests import RequestError
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 HEALTH_ROUTE = "/healthz"
+# nginx's status for a request whose client went away before its answer: counted, but not as the server's error.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ModelNameConvertor(convertors.StringConvertor):
@@ -51,6 +55,11 @@ class ServerSettings:
     max_batch_size: int = 32
     batch_timeout_ms: float = 2.0
     model_threads: int = 2
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
     # Vertex AI's custom-container contract: the routes it sends predictions and health checks to.
     predict_route: str | None = None
     health_route: str | None = None
@@ -64,6 +73,8 @@ class _State:
         self.model: served_model.ServedModel | None = None
         self.runner = None
         self.metrics = serving_metrics.ServingMetrics()
+        self.body_budget = inflight_requests.BodyBudget(settings.max_inflight_bytes)
+        self.grace = inflight_requests.ShutdownGrace(settings.shutdown_grace_s)
         self.decoder = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
 
 
@@ -75,6 +86,7 @@ def create_app(settings: ServerSettings, load_model: Callable[[], served_model.S
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.grace.loop = asyncio.get_running_loop()
         state.runner = _model_runner(settings, state)
         state.runner.start()
         threading.Thread(target=_load, args=(state, load_model, on_load_failure), name="load-model",
@@ -86,6 +98,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], served_model.S
     app = FastAPI(title="CIFAR trainer prediction server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.serving = state
+    # The last added is the outermost: the metrics see the 503 of a request cut off at shutdown.
+    app.add_middleware(inflight_requests.ShutdownGraceMiddleware, grace=state.grace)
     app.add_middleware(_RequestMetrics, metrics=state.metrics)
     _add_error_handlers(app)
     _add_prediction_routes(app, state)
@@ -134,11 +148,13 @@ async def _predict(request: Request, state: _State, model: served_model.ServedMo
     limits = state.settings.limits
     prediction_requests.check_content_type(request.headers.get("content-type"))
     prediction_requests.check_length(request.headers.get("content-length"), limits)
-    body = await _read_body(request, limits)
-    # JSON parsing, base64 and image decoding take real time for large images: off the event loop, which keeps
-    # answering other requests meanwhile.
-    images, top_k = await asyncio.get_running_loop().run_in_executor(
-        state.decoder, _parse_and_decode, body, model, limits, state.settings.top_k)
+    with state.body_budget.hold() as holding:
+        body = await _read_body(request, limits, holding, state.settings.body_timeout_s)
+        # JSON parsing, base64 and image decoding take real time for large images: off the event loop, which keeps
+        # answering other requests meanwhile.
+        images, top_k = await asyncio.get_running_loop().run_in_executor(
+            state.decoder, _parse_and_decode, body, model, limits, state.settings.top_k)
+        del body
     probabilities = await state.runner.predict(images)
     return JSONResponse({"predictions": [model.prediction(row, top_k) for row in probabilities]})
 
@@ -148,14 +164,23 @@ def _parse_and_decode(body: bytes, model: served_model.ServedModel, limits, defa
     return prediction_requests.decode_images(files, model.image_shape, limits), top_k
 
 
-async def _read_body(request: Request, limits: prediction_requests.Limits) -> bytes:
-    """The body, refused as soon as it grows past the limit (a chunked body declares no length beforehand)."""
+async def _read_body(request: Request, limits: prediction_requests.Limits, holding, timeout_seconds: float) -> bytes:
+    """The body, refused as soon as it grows past the limit (a chunked body declares no length beforehand), or
+    past the server's budget for bodies in flight, or when it takes longer than `timeout_seconds` to arrive."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_request_bytes:
-            raise prediction_requests.too_large(size, limits, complete=False)
-        chunks.append(chunk)
+    declared = request.headers.get("content-length", "")
+    holding.grow_to(int(declared) if declared.isdigit() else 0)  # A body too many to hold is refused before reading.
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_request_bytes:
+                    raise prediction_requests.too_large(size, limits, complete=False)
+                holding.grow_to(size)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within --body_timeout_s={timeout_seconds:g} "
+                                f"({size:,} bytes came).") from None
     return b"".join(chunks)
 
 
@@ -190,6 +215,10 @@ def _add_status_routes(app: FastAPI, state: _State) -> None:
                             "max_image_pixels": settings.limits.max_image_pixels,
                             "batching": settings.batching, "max_batch_size": settings.max_batch_size,
                             "batch_timeout_ms": settings.batch_timeout_ms,
+                            "header_timeout_s": settings.header_timeout_s,
+                            "body_timeout_s": settings.body_timeout_s,
+                            "max_connections": settings.max_connections,
+                            "max_inflight_bytes": settings.max_inflight_bytes,
                             "predict_route": f"/v1/models/{model.name}:predict"}}
 
     async def metrics():
@@ -217,12 +246,17 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"{where}: {error.detail}"
         return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
+    async def client_disconnected(request: Request, error: ClientDisconnect):
+        # Nobody reads this answer; its status is what /metrics counts.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     async def unexpected_error(request: Request, error: Exception):
         logging.exception("Failed to answer %s %s.", request.method, request.url.path)
         return JSONResponse({"error": f"internal error ({one_line(error, 200)})."}, status_code=500)
 
     app.add_exception_handler(RequestError, request_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)
 
 
