@@ -12,6 +12,7 @@ trainer.serve. With --dry_run the manifests are printed, so `... --dry_run | kub
 """
 
 import json
+import math
 import re
 
 from absl import flags
@@ -63,6 +64,13 @@ flags.DEFINE_bool("dry_run", False, "Print the manifests (JSON) and the kubectl 
                   flag_values=FLAGS)
 
 
+# trainer.serve's --shutdown_grace_s default. Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM;
+# the pod must outlive the server's grace, its 5 s backstop and the last answers going out, or the 503s it owes
+# requests cut off at the end of the grace are never sent.
+SERVER_SHUTDOWN_GRACE_SECONDS = 30.0
+TERMINATION_MARGIN_SECONDS = 10
+
+
 def labels() -> dict[str, str]:
     return {"app.kubernetes.io/name": "cifar-serve", "app.kubernetes.io/instance": FLAGS.name}
 
@@ -103,10 +111,20 @@ def container(serve_args: list[str], environment: dict[str, str]) -> dict:
     return spec
 
 
+def termination_grace_seconds(serve_args: list[str]) -> int:
+    """How long Kubernetes waits after SIGTERM: the server's own --shutdown_grace_s (checked already) plus a margin."""
+    grace = SERVER_SHUTDOWN_GRACE_SECONDS
+    for argument in serve_args:
+        name, _, value = argument.removeprefix("--").partition("=")
+        if name == "shutdown_grace_s":
+            grace = float(value)
+    return math.ceil(grace) + TERMINATION_MARGIN_SECONDS
+
+
 def deployment(serve_args: list[str], environment: dict[str, str]) -> dict:
     pod_spec = {"containers": [container(serve_args, environment)],
-                # trainer.serve finishes the requests in flight on SIGTERM, then exits 0.
-                "terminationGracePeriodSeconds": 30}
+                # trainer.serve finishes the requests in flight on SIGTERM, answers the rest with a 503, then exits 0.
+                "terminationGracePeriodSeconds": termination_grace_seconds(serve_args)}
     if FLAGS.accelerator == "gpu":
         pod_spec["nodeSelector"] = {"cloud.google.com/gke-accelerator": FLAGS.gpu_type}
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

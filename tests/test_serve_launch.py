@@ -191,6 +191,20 @@ def test_gke_probes_service_and_autoscaler_point_at_the_server():
     assert {item["metadata"]["namespace"] for item in (deployment, service, autoscaler)} == {"serving"}
 
 
+def test_gke_pods_outlive_the_servers_shutdown_grace():
+    """Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM: later than the server's own grace, so the
+    requests it cuts off still get their 503."""
+    from launch import gke_serve
+    from trainer import serve
+
+    assert gke_serve.SERVER_SHUTDOWN_GRACE_SECONDS == serve.FLAGS["shutdown_grace_s"].default
+    deployment, *_ = gke_dry_run()
+    default_grace = serve.FLAGS["shutdown_grace_s"].default
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > default_grace + 5
+    deployment, *_ = gke_dry_run(serve_flags=("--shutdown_grace_s=100",))
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 105
+
+
 def test_gke_gpu_pods_land_on_gpu_nodes():
     deployment, *_ = gke_dry_run("--accelerator=gpu", f"--image={GPU_IMAGE}", "--gpu_type=nvidia-l4")
     spec = deployment["spec"]["template"]["spec"]
