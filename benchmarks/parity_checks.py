@@ -296,7 +296,7 @@ def precision_checks(state, facts, inputs, arrays) -> list[Check]:
     results = {}
     for precision in ("float32", "mixed_bfloat16"):
         with distribution.dtype_policy(precision):
-            network = airbench.build_airbench((32, 32, 3), 10, None, 0.0, "none")
+            network = airbench.build_airbench((32, 32, 3), 10, None, "none")
         ours.load_reference_weights(network.model, state, facts["cifar_mean"], facts["cifar_std"])
         loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2, reduction=None)
         variables = network.model.trainable_variables

@@ -12,7 +12,7 @@ from trainer import train
 
 
 def build(image_shape=(32, 32, 3), weights="none"):
-    return airbench.build_airbench(image_shape, 10, None, 0.0, weights)
+    return airbench.build_airbench(image_shape, 10, None, weights)
 
 
 def correlated_images(count=200, size=16, seed=0):

@@ -78,3 +78,36 @@ def test_the_package_docstring_maps_every_module():
     missing = [file.stem for file in (ROOT / "trainer").glob("*.py")
                if file.stem != "__init__" and f"{file.stem}.py" not in code_map]
     assert not missing, f"trainer/__init__.py's code map does not name {missing}"
+
+
+# Classes still over the limit, and why; the list may only shrink.
+LONG_CLASSES = {
+    "trainer/config.py:Config": "a declaration, one field per option",
+    "trainer/gcs.py:Mirror": "not split yet",
+    "trainer/train.py:Trainer": "not split yet (issue 20's run directory object takes its start-up out)",
+}
+
+
+def test_no_class_of_trainer_or_launch_is_over_150_lines():
+    long_classes = {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+                    for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))
+                    for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+                    and node.end_lineno - node.lineno + 1 > 150}
+    new = {name: lines for name, lines in long_classes.items() if name not in LONG_CLASSES}
+    assert not new, f"split these by what changes together: {new}"
+    assert set(LONG_CLASSES) <= set(long_classes), "drop the classes now short enough from LONG_CLASSES"
+
+
+def test_no_module_reads_a_checkpoint_by_its_internal_names():
+    """A checkpoint's entries come from checkpoint_schema.checkpoint_objects, for writers and readers alike."""
+    readers = [str(path.relative_to(ROOT)) for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))
+               if ".ATTRIBUTES" in path.read_text() or "VARIABLE_VALUE" in path.read_text()]
+    assert not readers, readers
+
+
+def test_no_model_name_rules_outside_the_model_specs():
+    """Each network's differences live in its trainer/model_specs.py entry, not in rules on its name."""
+    rules = [f"{path.relative_to(ROOT)}:{number}" for path in sorted((ROOT / "trainer").glob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if "model ==" in line or "model !=" in line or '["model"] ==' in line]
+    assert not rules, rules

@@ -55,7 +55,7 @@ def test_peak_step_reader_finds_the_end_of_our_warmup():
 
 
 def test_our_tta_is_the_closed_form_weights_over_probabilities():
-    model = airbench.build_airbench((32, 32, 3), 10, None, 0.0, "none").model
+    model = airbench.build_airbench((32, 32, 3), 10, None, "none").model
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     shifted = [padded[:, :32, :32], padded[:, 2:34, 2:34]]
@@ -67,7 +67,7 @@ def test_our_tta_is_the_closed_form_weights_over_probabilities():
 
 
 def test_reference_weights_load_into_our_layout():
-    model = airbench.build_airbench((32, 32, 3), 10, None, 0.0, "none").model
+    model = airbench.build_airbench((32, 32, 3), 10, None, "none").model
     rng = np.random.default_rng(0)
     state = {"2.conv1.weight": rng.normal(size=(64, 24, 3, 3)), "7.weight": rng.normal(size=(10, 256)),
              "3.norm2.bias": rng.normal(size=256), "4.norm1.running_var": rng.uniform(1, 2, size=256)}

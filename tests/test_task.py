@@ -126,7 +126,7 @@ def test_help_describes_every_flag():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--model=vgg16"], "flag --model=vgg16: value should be one of <cnn|resnet50|airbench>"),
+    (["--model=vgg16"], "flag --model=vgg16: value should be one of <cnn|resnet50|airbench|linear>"),
     (["--strategy=horovod"], "flag --strategy=horovod: value should be one of <auto|default|one_device|mirrored"),
     (["--precision=float8"], "value should be one of <auto|float32|mixed_float16|mixed_bfloat16>"),
     (["--batch_size=0"], "--batch_size=0 must be a positive integer"),

@@ -12,15 +12,21 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   gcs.py             gs:// run directories, mirrored from a local working copy
   run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
-  models.py          the networks by name (cnn, resnet50) and test-time augmentation
-  airbench.py        airbench94's patch-whitened network
+  model_specs.py     one ModelSpec per network (TensorFlow-free): defaults, options, builder, hooks
+  models.py          builds a spec's network (cnn, resnet50 here), its training hooks, test-time augmentation
+  airbench.py        airbench94's patch-whitened network and its whitening-bias window
+  linear.py          the example network: one Dense layer, the template for adding one
   layers.py          layers the networks share: in-model preprocessing, inference-mode sub-models
   network.py         what a model builder returns (Network) and weight-file loading
   augment.py         on-device augmentation and mixing, with stateless seeds
   optimization.py    optimizers, schedules, clipping, weight averaging, Lookahead
-  steps.py           Steps: model, optimizers, metrics, train_step and the compiled loops of one run
+  model_state.py     the training state: model, phases' optimizers, weight average, Lookahead, train metrics
+  training_loop.py   the compiled training loop: on-device augmentation, the gradient step, the network's hooks
+  evaluation_loop.py evaluation: loss, accuracy, confusion matrix, test-time augmentation
+  steps.py           Steps: a run's training state, training loop and evaluation, as the Trainer drives them
   feature_cache.py   a frozen backbone's features computed once (--cache_features)
   early_stopping.py  the best epoch, its weights, and when a phase stops
+  checkpoint_schema.py  what a checkpoint holds (one function builds it) and reading older checkpoints
   checkpoints.py     TrainingState, checkpoints under multi-worker rules, preemption
   train.py           run(): builds the Steps; Trainer: phases, epochs, checkpoints, the run's outputs
   progress.py        console progress with images/s and ETA

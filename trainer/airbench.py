@@ -3,8 +3,10 @@
 import keras
 from keras import layers
 import numpy as np
+import tensorflow as tf
 
 from trainer import layers as layers_lib
+from trainer import models
 from trainer import network as network_lib
 
 # airbench94's network; its blocks run at 31, 15 and 7 pixels for 32x32 inputs.
@@ -159,13 +161,12 @@ def _block(x, width: int, index: int):
     return layers.Activation("gelu", name=f"block{index}_gelu2")(x)
 
 
-def build_airbench(image_shape, num_classes, image_size, dropout, weights):
+def build_airbench(image_shape, num_classes, image_size, weights):
     """airbench94: patch whitening -> 3 conv blocks (64, 256, 256) -> global max-pool -> linear / 9.
 
     Returns a network.Network; without a weights file, its `fit_to_data` fits the whitening layer to the
-    training images before a new run.
+    training images before a new run. No dropout: flips, translation and label smoothing regularise it.
     """
-    del dropout  # airbench has none: flip + translate augmentation and label smoothing regularise it.
     inputs = keras.Input(shape=image_shape, name="pixels")
     preprocessing = layers_lib.ImagePreprocessing(image_size or image_shape[0], "unit", channels=image_shape[-1])
     whitening = PatchWhitening(name="whitening")
@@ -186,3 +187,27 @@ def build_airbench(image_shape, num_classes, image_size, dropout, weights):
         whitening.fit(keras.ops.convert_to_numpy(preprocessing(images.astype("float32"))))
 
     return network_lib.Network(model, fit_to_data=fit_to_data)
+
+
+class WhiteningBiasWindow(models.TrainingHooks):
+    """airbench94 trains the whitening bias in its first --whiten_bias_epochs epochs only (0: throughout)."""
+
+    def gradients(self, gradients: list, variables: list, step) -> list:
+        """No gradient for the bias from epoch --whiten_bias_epochs on."""
+        if not self.config.whiten_bias_epochs:
+            return gradients
+        frozen = step // self.steps_per_epoch >= self.config.whiten_bias_epochs
+        bias = self.network.model.get_layer("whitening").bias
+        return [tf.where(frozen, tf.zeros_like(gradient), gradient) if variable is bias else gradient
+                for gradient, variable in zip(gradients, variables)]
+
+    def begin_epoch(self, phase, epoch: int) -> None:
+        """Zeroes the frozen bias's momentum: with a zero gradient it would still drift on it, where airbench94
+        skips the bias altogether (it is spared from weight decay too)."""
+        if not self.config.whiten_bias_epochs or epoch != self.config.whiten_bias_epochs:
+            return
+        optimizer = getattr(phase.optimizer, "inner_optimizer", phase.optimizer)
+        bias = self.network.model.get_layer("whitening").bias
+        for slot in optimizer.variables:
+            if slot.path.endswith(f"{bias.path.replace('/', '_')}_momentum"):
+                slot.assign(tf.zeros_like(slot))

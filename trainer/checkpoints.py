@@ -12,14 +12,11 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.python.distribute.failure_handling import failure_handling_util
 
+from trainer import checkpoint_schema
 from trainer import storage
 from trainer.errors import Preempted
 from trainer.errors import UsageError
 from trainer.errors import one_line
-
-# Checkpoint entries that checkpoints written by earlier versions of the trainer lack; such a
-# checkpoint still resumes, without them.
-ADDED_LATER = ("random_states",)
 
 
 class TrainingState(tf.Module):
@@ -117,22 +114,13 @@ class CheckpointStore:
 
     def _restore(self, path: str) -> None:
         try:
-            self._checkpoint_matching(path).restore(path).assert_existing_objects_matched()
+            checkpoint_schema.checkpoint_for(self.objects, path, whole=self.checkpoint).restore(
+                path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             raise UsageError(f"Cannot resume from {path}: it does not match this model and flags "
                              f"({one_line(error, 200)}). Use a new --model_dir.") from error
         self.last_saved_step = checkpoint_number(path)
         logging.info("Resumed from %s.", path)
-
-    def _checkpoint_matching(self, path: str) -> tf.train.Checkpoint:
-        """The run's checkpoint, less the entries added since an older `path` was written."""
-        saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
-        missing = [name for name in ADDED_LATER if name in self.objects and name not in saved]
-        if not missing:
-            return self.checkpoint
-        logging.warning("%s was written by an earlier version without %s; resuming without them, so the "
-                        "random draws of dropout differ from an uninterrupted run's.", path, ", ".join(missing))
-        return tf.train.Checkpoint(**{name: value for name, value in self.objects.items() if name not in missing})
 
     def save(self, step: int) -> None:
         if step == self.last_saved_step:

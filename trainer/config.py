@@ -9,10 +9,10 @@ from typing import Callable
 
 from absl import flags
 
+from trainer import model_specs
 from trainer import recipes
 from trainer.errors import UsageError
 
-MODELS = ("cnn", "resnet50", "airbench")
 ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -20,9 +20,6 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step", "onecycle")
 EARLY_STOPPING_MONITORS = ("eval_accuracy", "eval_loss")
-
-# Side length each model sees when --image_size is not given; None keeps the dataset's own.
-DEFAULT_IMAGE_SIZE = {"cnn": None, "resnet50": 224, "airbench": None}
 
 # A rule is (test, what the value must be); the message reads "--flag=value must ...".
 Rule = tuple[Callable[[object], bool], str]
@@ -54,10 +51,7 @@ class Config:
         None, "A named group of flag values (see Recipes); flags given explicitly still win.", group="Model",
         choices=tuple(recipes.RECIPES), default_text="none")
     model: str = option(
-        "cnn", "Network to train: cnn (the notebook's 2x[Conv 3x3 + MaxPool] (32, 64) -> Dense 128 -> Dropout -> "
-        "Dense), resnet50 (ImageNet ResNet50 without top, frozen with BatchNorm in inference mode -> "
-        "GlobalAveragePooling -> Dense 128 -> Dense), airbench (airbench94's patch-whitened fast network, trained "
-        "from scratch).", group="Model", choices=MODELS)
+        "cnn", f"Network to train: {model_specs.describe()}.", group="Model", choices=tuple(model_specs.SPECS))
     weights: str | None = option(
         None, "Initial backbone weights: 'imagenet', 'none', or the path of a weights file (for resnet50 the Keras "
         "no-top ResNet50 .h5; for other models a full model .weights.h5).", group="Model",
@@ -318,13 +312,9 @@ def build_config(**values) -> Config:
                              f"{', '.join(ACCELERATORS)}, or give --accelerator.")
     if merged["accelerator"] == "tpu" and merged["tpu"] is None:
         merged["tpu"] = "local"  # The TPU a TPU VM or a GKE TPU pod has attached.
-    if merged["weights"] is None:
-        merged["weights"] = "imagenet" if merged["model"] == "resnet50" else "none"
-    if merged["image_size"] is None:
-        merged["image_size"] = DEFAULT_IMAGE_SIZE.get(merged["model"])
-    if "whiten_bias_epochs" not in values and merged["model"] != "airbench":
-        # Only airbench has a whitening layer: the fast recipe's window does not follow --model elsewhere.
-        merged["whiten_bias_epochs"] = 0
+    spec = model_specs.SPECS.get(merged["model"])
+    if spec is not None:  # An unknown --model is named by validate.
+        _apply_model_defaults(merged, spec, given=values)
     if merged["fine_tune_learning_rate"] is None:
         merged["fine_tune_learning_rate"] = merged["learning_rate"] / 10
     if not merged["model_dir"]:
@@ -332,6 +322,17 @@ def build_config(**values) -> Config:
     config = Config(**merged)
     validate(config)
     return config
+
+
+def _apply_model_defaults(merged: dict, spec: model_specs.ModelSpec, given: dict) -> None:
+    """The network's own defaults; a recipe's model-specific option does not follow --model to another network."""
+    if merged["weights"] is None:
+        merged["weights"] = spec.default_weights
+    if merged["image_size"] is None:
+        merged["image_size"] = spec.default_image_size
+    for option_name, unused in model_specs.MODEL_SPECIFIC_OPTIONS.items():
+        if option_name not in given and option_name not in spec.options:
+            merged[option_name] = unused
 
 
 def _profile_steps(value) -> tuple[int, int] | None:
@@ -377,17 +378,25 @@ def validate(config: Config) -> None:
     _require(not (config.alternating_flip and config.augment_views),
              "--alternating_flip and --augment_views both fix each example's flips; use one of them.")
     _validate_feature_cache(config)
-    _require(config.whiten_bias_epochs == 0 or config.model == "airbench",
-             f"--whiten_bias_epochs applies to --model=airbench only, not --model={config.model}.")
-    _require(config.fine_tune_epochs == 0 or config.model == "resnet50",
-             f"--fine_tune_epochs applies to --model=resnet50 only, not --model={config.model}.")
+    _validate_model_options(config)
     _validate_weights(config)
+
+
+def _validate_model_options(config: Config) -> None:
+    spec = model_specs.SPECS[config.model]
+    for option_name, unused in model_specs.MODEL_SPECIFIC_OPTIONS.items():
+        if option_name == "cache_features":
+            continue  # _validate_feature_cache says why in its own words.
+        models = " or --model=".join(model_specs.models_taking(option_name))
+        _require(getattr(config, option_name) == unused or option_name in spec.options,
+                 f"--{option_name} applies to --model={models} only, not --model={config.model}.")
 
 
 def _validate_feature_cache(config: Config) -> None:
     if not config.cache_features:
         return
-    _require(config.model == "resnet50", f"--cache_features needs a frozen backbone; --model={config.model} has none.")
+    _require("cache_features" in model_specs.SPECS[config.model].options,
+             f"--cache_features needs a frozen backbone; --model={config.model} has none.")
     _require(config.mixup == 0 and config.cutmix == 0,
              "--cache_features cannot reproduce --mixup/--cutmix, which blend pixels before the backbone; turn "
              "them off or drop --cache_features.")
@@ -399,7 +408,7 @@ def _validate_feature_cache(config: Config) -> None:
 
 def _validate_weights(config: Config) -> None:
     if config.weights in ("none", "imagenet"):
-        _require(config.weights == "none" or config.model == "resnet50",
+        _require(config.weights == "none" or model_specs.SPECS[config.model].imagenet_weights,
                  f"--weights=imagenet: --model={config.model} has no ImageNet weights; use --weights=none "
                  "or a weights file.")
         return

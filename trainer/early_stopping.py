@@ -8,6 +8,11 @@ import tensorflow as tf
 from trainer import checkpoints
 
 
+def best_weight_variables(model) -> list:
+    """Where the best epoch's weights are kept (and checkpointed): one variable per model weight."""
+    return [tf.Variable(weight.value, trainable=False) for weight in model.weights]
+
+
 class EarlyStopping:
     """Remembers the best epoch's evaluation weights, and ends a phase after `patience` epochs without improvement.
 
@@ -19,7 +24,7 @@ class EarlyStopping:
     def __init__(self, patience: int, monitor: str, state: checkpoints.TrainingState, steps):
         self.patience, self.monitor, self.state, self.steps = patience, monitor, state, steps
         with steps.strategy.scope():
-            self.best_weights = [tf.Variable(weight.value, trainable=False) for weight in steps.model.weights]
+            self.best_weights = best_weight_variables(steps.model)
 
     def update(self, phase, epoch: int, metrics: dict) -> bool:
         """Records epoch `epoch` (0-based) of `phase` (a steps.Phase); True when the phase should stop now."""

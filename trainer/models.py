@@ -1,18 +1,18 @@
-"""The networks: each takes float 0-255 pixels, preprocesses inside, and returns float32 logits."""
+"""The networks by name, built from their model_specs entries, and test-time augmentation."""
+
+import importlib
 
 import keras
 from keras import layers
 
-from trainer import airbench
 from trainer import layers as layers_lib
+from trainer import model_specs
 from trainer import network as network_lib
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
-RESNET50_STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
-
-def build_cnn(image_shape, num_classes, image_size, dropout, weights) -> network_lib.Network:
+def build_cnn(image_shape, num_classes, image_size, weights, *, dropout) -> network_lib.Network:
     """The notebook's network: 2 x [Conv 3x3 + MaxPool] (32, 64) -> Dense 128 -> Dropout -> Dense."""
     inputs = keras.Input(shape=image_shape, name="pixels")
     x = layers_lib.ImagePreprocessing(image_size or image_shape[0], "unit", channels=image_shape[-1])(inputs)
@@ -29,9 +29,9 @@ def build_cnn(image_shape, num_classes, image_size, dropout, weights) -> network
     return network
 
 
-def build_resnet50(image_shape, num_classes, image_size, dropout, weights) -> network_lib.Network:
-    """ImageNet ResNet50 without top, frozen and in inference mode, under a small trainable head."""
-    del dropout  # The head follows the notebook, which had no dropout here.
+def build_resnet50(image_shape, num_classes, image_size, weights) -> network_lib.Network:
+    """ImageNet ResNet50 without top, frozen and in inference mode, under a small trainable head (the
+    notebook's, without dropout)."""
     backbone = _resnet50_backbone(image_size, weights)
     backbone.trainable = False
     pixels = keras.Input(shape=image_shape, name="pixels")
@@ -61,19 +61,63 @@ def _resnet50_backbone(image_size: int, weights: str) -> keras.Model:
             from error
 
 
-MODEL_BUILDERS = {"cnn": build_cnn, "resnet50": build_resnet50, "airbench": airbench.build_airbench}
+def _imported(path: str):
+    """The object a model spec names as "module:name"."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def build(name: str, *, image_shape, num_classes: int, image_size: int | None, dropout: float,
-          weights: str) -> network_lib.Network:
-    return MODEL_BUILDERS[name](tuple(image_shape), num_classes, image_size, dropout, weights)
+def build(name: str, *, image_shape, num_classes: int, image_size: int | None, weights: str,
+          **options) -> network_lib.Network:
+    """The network `name` (a key of model_specs.SPECS). `options` may hold any run options (say, a Config's
+    to_dict()); the builder gets those its spec lists in builder_options."""
+    spec = model_specs.SPECS[name]
+    missing = [option for option in spec.builder_options if option not in options]
+    if missing:
+        raise TypeError(f"Building {name} needs {missing}.")
+    network = _imported(spec.builder)(tuple(image_shape), num_classes, image_size, weights,
+                                      **{option: options[option] for option in spec.builder_options})
+    network.stages = spec.fine_tune_stages
+    return network
+
+
+def build_for_run(flags, image_shape, num_classes: int, *, fresh: bool) -> network_lib.Network:
+    """The network of a run with these flags (a Config or the dict of its config.json): what the trainer trains
+    and the results tools restore a checkpoint into. Only a fresh network loads the initial --weights: a
+    checkpoint overwrites them."""
+    flags = flags if isinstance(flags, dict) else flags.to_dict()
+    spec = model_specs.SPECS[flags["model"]]
+    return build(spec.name, image_shape=image_shape, num_classes=num_classes, image_size=flags["image_size"],
+                 weights=flags["weights"] if fresh else "none",
+                 **{option: flags[option] for option in spec.builder_options})
+
+
+class TrainingHooks:
+    """What a network may add to the training loop (a spec's hooks); these defaults add nothing."""
+
+    def __init__(self, network: network_lib.Network, config, steps_per_epoch: int):
+        self.network, self.config, self.steps_per_epoch = network, config, steps_per_epoch
+
+    def gradients(self, gradients: list, variables: list, step) -> list:
+        """Inside the compiled step, before clipping and the update: the gradients to apply at global `step`."""
+        del variables, step
+        return gradients
+
+    def begin_epoch(self, phase, epoch: int) -> None:
+        """Before the first step of `epoch` (0-based) of `phase` (a steps.Phase), also on resuming there."""
+
+
+def training_hooks(name: str, network: network_lib.Network, config, steps_per_epoch: int) -> TrainingHooks:
+    """The hooks of network `name`'s spec, or the defaults."""
+    hooks = model_specs.SPECS[name].hooks
+    return (_imported(hooks) if hooks else TrainingHooks)(network, config, steps_per_epoch)
 
 
 def unfreeze_top_stages(network: network_lib.Network, num_stages: int) -> None:
-    """Makes the top `num_stages` ResNet stages trainable; the backbone still runs in inference mode."""
-    if network.backbone is None:
+    """Makes the top `num_stages` backbone stages trainable; the backbone still runs in inference mode."""
+    if network.backbone is None or not network.stages:
         raise ValueError("This network has no backbone to fine-tune.")
-    stages = RESNET50_STAGES[len(RESNET50_STAGES) - num_stages:]
+    stages = network.stages[len(network.stages) - num_stages:]
     network.backbone.trainable = True
     for layer in network.backbone.layers:
         layer.trainable = layer.name.split("_")[0] in stages

@@ -24,6 +24,8 @@ class Network:
     # on features computed once.
     features: keras.Model | None = None
     head: keras.Model | None = None
+    # The backbone's stages bottom to top, as layer-name prefixes; fine-tuning unfreezes the top ones.
+    stages: tuple[str, ...] = ()
 
 
 def load_model_weights(model: keras.Model, weights: str) -> None:

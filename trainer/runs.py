@@ -8,8 +8,11 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from trainer import checkpoint_schema
+from trainer import checkpoints
 from trainer import data
 from trainer import distribution
+from trainer import early_stopping
 from trainer import gcs
 from trainer import models
 from trainer import optimization
@@ -97,25 +100,25 @@ def _checkpoint_classifier(run_dir: str, data_dir: str | None) -> Classifier:
     builder = data.load_builder(config["dataset"], data_dir or config["data_dir"])
     info = data.dataset_info(builder, config["train_split"], config["eval_split"])
     with distribution.dtype_policy(_run_precision(run_dir, config)):
-        network = models.build(config["model"], image_shape=info.image_shape, num_classes=info.num_classes,
-                               image_size=config["image_size"], dropout=config["dropout"], weights="none")
+        network = models.build_for_run(config, info.image_shape, info.num_classes, fresh=False)
     model = network.model
-    best_weights = [tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False) for weight in model.weights]
+    best_weights = early_stopping.best_weight_variables(model)
     average = optimization.WeightAverage(model.weights, config["ema_decay"]) if config.get("ema_decay") else None
-    # The optimizers and training state in the checkpoint are not needed; every model weight is.
-    extra = {"weight_average": average.checkpoint_objects()} if average is not None else {}
-    checkpoint = tf.train.Checkpoint(model=model, best_weights=best_weights, **extra)
+    state = checkpoints.TrainingState()
+    # The optimizers are not needed; every model weight is, and the state says which weights the run ended on.
+    objects = checkpoint_schema.checkpoint_objects(model, training_state=state, best_weights=best_weights,
+                                                   weight_average=average)
     try:
-        checkpoint.restore(checkpoint_path).expect_partial().assert_existing_objects_matched()
+        checkpoint_schema.checkpoint_for(objects, checkpoint_path).restore(
+            checkpoint_path).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError) as error:
         # A half-restored checkpoint logs every value it left behind when collected; the error says it all.
         python_logging.getLogger("tensorflow").setLevel(python_logging.ERROR)
         raise UsageError(f"{checkpoint_path} does not fit the network rebuilt from {run_dir}/config.json "
                          f"({one_line(error, 200)}).") from error
     # A run with early stopping ends on its best epoch's weights (saved beside the model), as its export does.
-    best_epoch = tf.train.load_checkpoint(checkpoint_path).get_tensor("state/best_epoch/.ATTRIBUTES/VARIABLE_VALUE")
     # Without it, a run with a weight average evaluates and exports the average.
-    if config["early_stopping_patience"] and best_epoch > 0:
+    if config["early_stopping_patience"] and int(state.best_epoch.numpy()) > 0:
         for weight, best in zip(model.weights, best_weights):
             weight.assign(best)
     elif average is not None:

@@ -156,9 +156,7 @@ def build_steps(config: Config, strategy: tf.distribute.Strategy, precision: str
                          steps_per_epoch=data.training_steps_per_epoch(info.num_train_examples, config.batch_size,
                                                                        config.steps_per_epoch))
     with strategy.scope():
-        network = models.build(config.model, image_shape=info.image_shape, num_classes=info.num_classes,
-                               image_size=config.image_size, dropout=config.dropout,
-                               weights=config.weights if fresh else "none")
+        network = models.build_for_run(config, info.image_shape, info.num_classes, fresh=fresh)
     if network.fit_to_data is not None and fresh:
         network.fit_to_data(inputs.training_sample(DATA_FIT_SAMPLE))
     return Steps(config, strategy, network, inputs, precision)
@@ -175,8 +173,7 @@ class Trainer:
         self.early_stopping = early_stopping.EarlyStopping(
             self.config.early_stopping_patience, self.config.early_stopping_monitor, self.state, steps)
         self.store = checkpoints.CheckpointStore(
-            paths.checkpoint_dir, {**steps.checkpoint_objects(), "state": self.state,
-                                   "best_weights": self.early_stopping.best_weights},
+            paths.checkpoint_dir, steps.checkpoint_objects(self.state, self.early_stopping.best_weights),
             is_chief=chief, task_id=distribution.task_id(steps.strategy),
             after_save=uploader.request if uploader is not None else None)
         self.summaries = summaries.Summaries(paths.log_dir, enabled=chief)
@@ -254,9 +251,7 @@ class Trainer:
         epoch = int(state.epoch.numpy())
         self.progress.start_epoch()
         if int(state.step_in_epoch.numpy()) == 0:
-            steps.reset_train_metrics()
-            if config.whiten_bias_epochs and epoch == config.whiten_bias_epochs:
-                steps.stop_whitening_bias(phase)
+            steps.begin_epoch(phase, epoch)
         epoch_images, epoch_seconds, since_checkpoint = 0, 0.0, 0
         while (step_in_epoch := int(state.step_in_epoch.numpy())) < steps.steps_per_epoch:
             global_step = int(state.global_step.numpy())
