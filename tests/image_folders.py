@@ -73,10 +73,12 @@ def truncated_jpeg(path: pathlib.Path, image: np.ndarray) -> None:
 
 def huge_png(path: pathlib.Path, width: int, height: int) -> None:
     """A PNG whose header claims width x height pixels, with no pixel data: refusing it must not decode it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + header
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk
-                     + struct.pack(">I", zlib.crc32(chunk)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
 
 
 def exif_rotated_jpeg(path: pathlib.Path) -> None:
