@@ -198,3 +198,31 @@ def test_a_bucket_folder_without_permission_is_refused_in_one_line(monkeypatch, 
         assert "\n" not in str(error.value)
     finally:
         server.shutdown()
+
+
+def test_a_run_on_a_folder_carries_its_class_names_to_the_export_metrics_and_evaluation(pets, tmp_path):
+    from helpers import read_metrics
+    from trainer import config as config_lib
+    from trainer import evaluate
+    from trainer import train
+
+    model_dir = tmp_path / "run"
+    config = config_lib.build_config(dataset=str(pets), data_dir=str(tmp_path / "tfds"), model_dir=str(model_dir),
+                                     batch_size=8, epochs=1, steps_per_epoch=1, early_stopping_patience=0,
+                                     precision="float32", validation_fraction=0.2)
+    assert config.eval_split == "validation"
+    train.run(config)
+    labels = (model_dir / "export" / "assets.extra" / "labels.txt").read_text().split()
+    assert labels == list(CLASSES) == read_metrics(model_dir)["class_names"]
+    assert read_metrics(model_dir)["dataset"] == str(pets)
+    assert "cat/broken.jpg\t" in (model_dir / folder_dataset.SKIPPED_FILES).read_text()
+    results = evaluate.evaluate_run(str(model_dir))
+    assert results["class_names"] == list(CLASSES) and results["num_examples"] == 6
+
+
+def test_the_command_line_refuses_a_folder_in_one_line(capsys, tmp_path):
+    from helpers import fails_in_process
+    from trainer import task
+
+    line = fails_in_process(capsys, task, f"--dataset={tmp_path}/absent", f"--model_dir={tmp_path}/run")
+    assert "--dataset=" in line and "no such folder" in line
