@@ -12,6 +12,10 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   gcs.py             gs:// run directories, mirrored from a local working copy
   run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
+  image_folder.py    --dataset=PATH: a folder of labelled images, its layouts, classes, held-out split, fingerprint
+  folder_sources.py  a folder's files listed and read, local or gs://
+  folder_dataset.py  a folder prepared once into TFDS shards in --data_dir, and its summary of skipped files
+  image_files.py     image files read as the models see them (predict, the server, folder datasets)
   models.py          the networks by name (cnn, resnet50) and test-time augmentation
   airbench.py        airbench94's patch-whitened network
   layers.py          layers the networks share: in-model preprocessing, inference-mode sub-models

@@ -12,7 +12,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from trainer import image_folder
-from trainer import predict
+from trainer import image_files
 from trainer import progress
 from trainer.errors import UsageError
 from trainer.errors import one_line
@@ -125,7 +125,7 @@ def _encoded_image(source, relative: str, image_size: int) -> bytes | str:
     """The image as PNG bytes at image_size x image_size, prepared as predict and the server prepare an image (EXIF
     orientation, 8-bit RGB, alpha on white, area-averaged shrinking); or why it was skipped."""
     try:
-        pixels = predict.load_image(source.open(relative), (image_size, image_size, 3))
+        pixels = image_files.load_image(source.open(relative), (image_size, image_size, 3))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return _reason(error)
     encoded = io.BytesIO()
@@ -134,12 +134,12 @@ def _encoded_image(source, relative: str, image_size: int) -> bytes | str:
 
 
 def _reason(error: Exception) -> str:
-    if isinstance(error, predict.ImageTooLarge):
+    if isinstance(error, image_files.ImageTooLarge):
         return str(error).replace(" for images to classify", "")  # predict's words; the limit is the same.
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image Pillow can read"
     if isinstance(error, Image.DecompressionBombError):
-        return f"more pixels than the {predict.MAX_PIXELS // 10**6}-megapixel limit"
+        return f"more pixels than the {image_files.MAX_PIXELS // 10**6}-megapixel limit"
     return f"cannot be decoded ({one_line(error, 160)})"
 
 
@@ -153,7 +153,7 @@ def load(root: str, data_dir: str | None, *, image_size: int | None, validation_
         _prepare(builder)
     skipped = skipped_files(builder)
     if skipped:
-        named = "; ".join(f"{predict.printable(path)} ({reason})" for path, reason in skipped[:NAMED_IN_SUMMARY])
+        named = "; ".join(f"{image_files.printable(path)} ({reason})" for path, reason in skipped[:NAMED_IN_SUMMARY])
         logging.warning("%s: %d file%s skipped (all of them are listed in the run directory's %s): %s%s.", root,
                         len(skipped), "s" * (len(skipped) != 1), SKIPPED_FILES, named,
                         "; ..." if len(skipped) > NAMED_IN_SUMMARY else "")
@@ -215,4 +215,4 @@ def write_skipped_files(builder, run_dir: str) -> None:
     with open(path, "w", encoding="utf-8") as file:
         file.write(f"# Files of {builder.folder.root} that were not trained on: path<TAB>reason\n")
         for relative, reason in skipped:
-            file.write(f"{predict.printable(relative)}\t{reason}\n")
+            file.write(f"{image_files.printable(relative)}\t{reason}\n")

@@ -8,13 +8,13 @@ import posixpath
 
 from trainer import folder_sources
 from trainer import gcs
+from trainer import image_files
 from trainer.errors import UsageError
 
 # A --dataset value that starts like a path names a folder; anything else is a TFDS name (cifar10, name/config:1.0.0).
 PATH_PREFIXES = ("/", "./", "../", "~", "gs://")
-# predict's formats, and TIFF, the format of CMYK and 16-bit scans. (Not imported from predict, which imports the
-# data pipeline that imports this module.)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# predict's formats, and TIFF, the format of CMYK and 16-bit scans.
+IMAGE_EXTENSIONS = (*image_files.IMAGE_EXTENSIONS, ".tif", ".tiff")
 DEFAULT_VALIDATION_FRACTION = 0.1
 TRAIN_SPLIT = "train"
 HELD_OUT_SPLITS = ("validation", "test")
