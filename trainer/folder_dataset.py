@@ -12,6 +12,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from trainer import image_folder
+from trainer import gcs
 from trainer import image_files
 from trainer import progress
 from trainer.errors import UsageError
@@ -108,7 +109,7 @@ def config_name(folder: image_folder.Folder, image_size: int) -> str:
 def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int):
     """(file, PNG bytes or the reason it was skipped) in the files' order, decoded by a pool of threads: Pillow
     releases the GIL while it decodes, resizes and compresses. A bounded window keeps memory flat."""
-    workers = 16 if image_folder.gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
+    workers = 16 if gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
     window = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
         for labelled in files:

@@ -7,7 +7,6 @@ import json
 import posixpath
 
 from trainer import folder_sources
-from trainer import gcs
 from trainer import image_files
 from trainer.errors import UsageError
 
@@ -178,7 +177,3 @@ def held_out(root: str, by_class: dict[str, list], fraction: float) -> tuple[dic
         training += [LabelledFile(file, label) for file in images]
     return {HELD_OUT_SPLITS[0]: tuple(ranked), TRAIN_SPLIT: tuple(training)}, tuple(quota)
 
-
-def display_root(root: str) -> str:
-    """The folder as the user gave it, for messages; gs:// paths without a trailing slash."""
-    return root.rstrip("/") if gcs.is_gcs(root) else root
