@@ -12,6 +12,11 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   gcs.py             gs:// run directories, mirrored from a local working copy
   run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
+  image_folder.py    --dataset=PATH: a folder of labelled images, its layouts, classes, held-out split, fingerprint
+  folder_sources.py  a folder's files listed and read, local or gs://
+  folder_dataset.py  a folder prepared once into TFDS shards in --data_dir, and its summary of skipped files
+  image_files.py     image files read as the models see them (predict, the server, folder datasets)
+  display_text.py    names (paths, classes) shown on a terminal as text that cannot act on it
   model_specs.py     one ModelSpec per network (TensorFlow-free): defaults, options, builder, hooks
   models.py          builds a spec's network (cnn, resnet50 here), its training hooks, test-time augmentation
   airbench.py        airbench94's patch-whitened network and its whitening-bias window

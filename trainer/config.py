@@ -9,6 +9,7 @@ from typing import Callable
 
 from absl import flags
 
+from trainer import image_folder
 from trainer import model_specs
 from trainer import recipes
 from trainer.errors import UsageError
@@ -63,13 +64,20 @@ class Config:
     dropout: float = option(0.5, "Dropout rate before the cnn's output layer.", group="Model",
                             rule=(lambda value: 0 <= value < 1, "must be in [0, 1)"))
 
-    dataset: str = option("cifar10", "TFDS image-classification dataset with 'image' and 'label' (e.g. cifar100).",
-                          group="Data")
+    dataset: str = option(
+        "cifar10", "TFDS image-classification dataset with 'image' and 'label' (e.g. cifar100), or a folder of "
+        "labelled images, local or gs://, when the value starts with /, ./, ../, ~ or gs:// (see 'Train on your own "
+        "images').", group="Data")
+    validation_fraction: float = option(
+        image_folder.DEFAULT_VALIDATION_FRACTION, "Folder datasets laid out as ROOT/<class>/<image>: the share of "
+        "each class held out as the validation split (at least one image per class; the same images on every run).",
+        group="Data", rule=(lambda value: 0 < value < 1, "must be in (0, 1)"))
     data_dir: str | None = option(None, "TFDS data directory.", group="Data", resumable=True,
                                   default_text="TFDS's own, or $TFDS_DATA_DIR when set")
     train_split: str = option("train", "TFDS split to train on; slicing such as 'train[:2000]' works.", group="Data")
     eval_split: str = option("test", "TFDS split evaluated after every epoch and at the end.", group="Data",
-                             resumable=True)
+                             resumable=True, default_text="test; for a folder, validation (test when it has "
+                             "train/ and test/ only)")
 
     accelerator: str | None = option(
         None, "What the run must train on. gpu and tpu stop the run at start-up, in one line naming the likely cause, "
@@ -315,6 +323,7 @@ def build_config(**values) -> Config:
     spec = model_specs.SPECS.get(merged["model"])
     if spec is not None:  # An unknown --model is named by validate.
         _apply_model_defaults(merged, spec, given=values)
+    _folder_defaults(merged, values)
     if merged["fine_tune_learning_rate"] is None:
         merged["fine_tune_learning_rate"] = merged["learning_rate"] / 10
     if not merged["model_dir"]:
@@ -333,6 +342,12 @@ def _apply_model_defaults(merged: dict, spec: model_specs.ModelSpec, given: dict
     for option_name, unused in model_specs.MODEL_SPECIFIC_OPTIONS.items():
         if option_name not in given and option_name not in spec.options:
             merged[option_name] = unused
+
+
+def _folder_defaults(merged: dict, values: dict) -> None:
+    """A folder of images evaluates on its held-out split unless --eval_split says otherwise."""
+    if image_folder.is_folder(merged["dataset"]) and "eval_split" not in values:
+        merged["eval_split"] = image_folder.held_out_split(merged["dataset"])
 
 
 def _profile_steps(value) -> tuple[int, int] | None:

@@ -9,6 +9,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from trainer import folder_dataset
+from trainer import image_folder
 from trainer.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -31,8 +33,16 @@ class DatasetInfo:
         return len(self.class_names)
 
 
-def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for `name`, downloading it when missing and possible."""
+def load_builder(name: str, data_dir: str | None, *, image_size: int | None = None,
+                 validation_fraction: float = image_folder.DEFAULT_VALIDATION_FRACTION) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for `name`, downloading it when missing and possible.
+
+    A `name` that looks like a path is a folder of images, prepared once into `data_dir` at the run's
+    `image_size` (see folder_dataset.stored_image_size), with `validation_fraction` of each class held out when
+    the folder has no split folders.
+    """
+    if image_folder.is_folder(name):
+        return folder_dataset.load(name, data_dir, image_size=image_size, validation_fraction=validation_fraction)
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=True)
     except tfds.core.registered.DatasetNotFoundError as error:
@@ -42,6 +52,13 @@ def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         _download_and_prepare(builder, name)
     _check_features(builder, name)
     return builder
+
+
+def folder_options(run_config: dict) -> dict:
+    """load_builder's folder arguments as a finished run's config.json gives them, so that evaluating or
+    reloading the run finds the copy of its folder it trained on."""
+    return {"image_size": run_config.get("image_size"),
+            "validation_fraction": run_config.get("validation_fraction", image_folder.DEFAULT_VALIDATION_FRACTION)}
 
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str) -> None:
@@ -98,7 +115,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str, flag: str) -> in
 def dataset_info(builder: tfds.core.DatasetBuilder, train_split: str, eval_split: str) -> DatasetInfo:
     features = builder.info.features
     return DatasetInfo(
-        name=builder.info.name,
+        name=getattr(builder, "source_name", builder.info.name),  # A folder dataset is named by its folder.
         class_names=tuple(features["label"].names),
         image_shape=tuple(features["image"].shape),
         num_train_examples=num_examples(builder, train_split, "--train_split"),

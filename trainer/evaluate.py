@@ -143,7 +143,7 @@ def measure_run(model_dir: str, *, split: str | None = None, dataset: str | None
     if not dataset or not split:
         raise UsageError(f"{run_dir} has no config.json to take the dataset and split from; give --dataset and "
                          "--split.")
-    builder = data.load_builder(dataset, data_dir)
+    builder = data.load_builder(dataset, data_dir, **data.folder_options(config))
     data.num_examples(builder, split, "--split")  # Checked here so that a bad split names --split.
     info = data.dataset_info(builder, split, split)
     if info.image_shape != classifier.image_shape or info.num_classes != len(classifier.class_names):

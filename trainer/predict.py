@@ -6,17 +6,22 @@ import os
 import signal
 import sys
 import tempfile
-import unicodedata
 
 from absl import flags
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
 from trainer import cli
 from trainer import progress
 from trainer import runs
 from trainer import storage
+from trainer.display_text import printable
+from trainer.display_text import utf8
+# Moved to image_files, which the server and folder datasets share; still importable from here.
+from trainer.image_files import IMAGE_EXTENSIONS
+from trainer.image_files import MAX_PIXELS  # noqa: F401
+from trainer.image_files import ImageTooLarge
+from trainer.image_files import load_image
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
@@ -30,17 +35,8 @@ Exit status: 0 when every file was classified, 1 when some could not be read (ea
 classified goes to FILE.partial.
 """
 OUTPUTS = ("table", "csv", "json")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-# A transparent pixel shows its background; training images had none, so assume the usual white page.
-BACKGROUND = (255, 255, 255)
-# Larger images are refused before they are decoded. The model sees a few thousand pixels, and a 50-megapixel photo
-# (the largest phone cameras') decodes in about a second; a small PNG can claim 13000x13000 pixels (1.6 GB and 11 s
-# to decode) while staying under Pillow's own bomb limit of 179 megapixels.
-MAX_PIXELS = 50_000_000
 # A spreadsheet reads a cell starting with these as a formula (CSV injection); OWASP's advice is a leading apostrophe.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-# Unicode's bidirectional controls reorder what a terminal shows, so that one name can pass for another.
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 PARTIAL_SUFFIX = ".partial"
 
 FLAGS = cli.flag_registry()
@@ -74,58 +70,9 @@ def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return list(dict.fromkeys(files)), failures
 
 
-class ImageTooLarge(ValueError):
-    """An image above MAX_PIXELS, refused before decoding."""
-
-
-def load_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """The file as uint8 [H, W, C] at the model's input size, shrunk by area averaging like CIFAR's own downsampling."""
-    height, width, channels = image_shape
-    with Image.open(path) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageTooLarge(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
-                             "limit for images to classify; shrink it first")
-        image.draft("RGB" if channels == 3 else "L", (width, height))  # JPEG decodes at a reduced size: faster.
-        image = ImageOps.exif_transpose(image)
-        image = _eight_bit(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (*BACKGROUND, 255)), image)
-        image = image.convert("RGB" if channels == 3 else "L")
-        shrinking = image.width >= width and image.height >= height
-        image = image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
-        pixels = np.asarray(image, np.uint8)
-    return pixels if channels == 3 else pixels[..., None]
-
-
-def utf8(path: str) -> str:
-    """The path with the bytes that are not UTF-8 (kept by Python as surrogates) as U+FFFD, so a strict UTF-8
-    stdout never fails on them."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def printable(text: str) -> str:
-    """The text as a terminal shows it without acting on it: UTF-8 (see `utf8`), with control characters (escape
-    sequences, carriage returns, ...) and bidirectional controls written as visible escapes such as \\x1b."""
-    return "".join(_escape(character) if unicodedata.category(character) == "Cc" or character in BIDI_CONTROLS
-                   else character for character in utf8(text))
-
-
-def _escape(character: str) -> str:
-    code = ord(character)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def spreadsheet_safe(cell: str) -> str:
     """A CSV cell no spreadsheet runs as a formula: one starting with =, +, -, @, tab or CR gets an apostrophe."""
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
-
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit greyscale scaled to 8 bits; Pillow's own conversion would clip it to white."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
-    return image
 
 
 class _Output:

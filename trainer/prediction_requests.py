@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from trainer import predict
+from trainer import image_files
 from trainer.errors import one_line
 
 # The server enforces its own, lower limit (--max_image_pixels) right after reading an image's header, before
@@ -150,7 +150,7 @@ def decode_image(index: int, data: bytes, image_shape: tuple[int, int, int], lim
     if width * height > limits.max_image_pixels:
         raise too_many_pixels(index, f"{width:,}x{height:,} pixels", limits)
     try:
-        return predict.load_image(io.BytesIO(data), image_shape)
+        return image_files.load_image(io.BytesIO(data), image_shape)
     except (OSError, ValueError, SyntaxError) as error:
         raise RequestError(400, f"instances[{index}]: cannot decode the image ({one_line(error, 200)}); is the file "
                                 "complete?") from error

@@ -97,7 +97,7 @@ def _checkpoint_classifier(run_dir: str, data_dir: str | None) -> Classifier:
     if checkpoint_path is None or not config:
         raise UsageError(f"{run_dir} holds neither an export/ nor checkpoints/ with config.json; give the "
                          "--model_dir of a run of trainer.task.")
-    builder = data.load_builder(config["dataset"], data_dir or config["data_dir"])
+    builder = data.load_builder(config["dataset"], data_dir or config["data_dir"], **data.folder_options(config))
     info = data.dataset_info(builder, config["train_split"], config["eval_split"])
     with distribution.dtype_policy(_run_precision(run_dir, config)):
         network = models.build_for_run(config, info.image_shape, info.num_classes, fresh=False)

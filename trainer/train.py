@@ -16,6 +16,7 @@ from trainer import data
 from trainer import distribution
 from trainer import early_stopping
 from trainer import export
+from trainer import folder_dataset
 from trainer import gcs
 from trainer import hypertune
 from trainer import log_upload
@@ -94,6 +95,8 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
                 steps = build_steps(config, strategy, precision, fresh=not resuming)
             if chief and not (resuming and os.path.exists(paths.config_file)):
                 storage.write_json(paths.config_file, config.to_dict())
+            if chief:
+                folder_dataset.write_skipped_files(steps.inputs.builder, paths.model_dir)
             # Only the chief uploads; it does so in the background after every checkpoint, and waits at the end.
             uploader = gcs.BackgroundUploader(mirror, config.storage_retry_seconds) \
                 if mirror is not None and chief else None
@@ -149,7 +152,8 @@ def build_steps(config: Config, strategy: tf.distribute.Strategy, precision: str
     that will restore a checkpoint skips them, since the checkpoint overwrites them.
     """
     keras.utils.set_random_seed(config.seed)
-    builder = data.load_builder(config.dataset, config.data_dir)
+    builder = data.load_builder(config.dataset, config.data_dir, image_size=config.image_size,
+                                validation_fraction=config.validation_fraction)
     info = data.dataset_info(builder, config.train_split, config.eval_split)
     inputs = data.Inputs(builder, info, train_split=config.train_split, eval_split=config.eval_split,
                          global_batch_size=config.batch_size, seed=config.seed,
