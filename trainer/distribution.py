@@ -103,6 +103,10 @@ def _checked_cluster(tf_config: dict, variable: str) -> dict:
     if not cluster or not all(isinstance(hosts, list) and hosts for hosts in cluster.values()):
         raise UsageError(f"${variable} describes no cluster: each role needs a list of host:port addresses, got "
                          f"{json.dumps(cluster)[:120]}.")
+    for role, hosts in cluster.items():
+        if not all(isinstance(host, str) and host.strip() for host in hosts):
+            raise UsageError(f"${variable}: the {role} addresses must be \"host:port\" strings, got "
+                             f"{json.dumps(hosts)[:120]}.")
     task_type = task.get("type")
     if task_type == "evaluator":  # TensorFlow's side-car evaluator is the one task outside the cluster.
         return tf_config

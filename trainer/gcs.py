@@ -50,7 +50,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     """gs://bucket/some/prefix -> ("bucket", "some/prefix")."""
     bucket, _, prefix = uri[len("gs://"):].partition("/")
     if not bucket:
-        raise UsageError(f"{uri} names no bucket; use gs://BUCKET/PATH.")
+        raise UsageError(f"{uri}: the bucket name is missing; use gs://BUCKET/PATH.")
     return bucket, prefix.strip("/")
 
 

@@ -55,9 +55,16 @@ def run_locations(model_dir: str) -> dict[str, str]:
     join = posixpath.join if gcs.is_gcs(model_dir) else os.path.join
     locations = {"model": model_dir, "checkpoints": join(model_dir, "checkpoints"), "logs": join(model_dir, "logs")}
     vertex_model_dir = os.environ.get("AIP_MODEL_DIR", "")
+    sources = {"model": "--model_dir"}
     if vertex_model_dir and vertex_model_dir.rstrip("/") == model_dir.rstrip("/"):
+        sources = {"model": "$AIP_MODEL_DIR", "checkpoints": "$AIP_CHECKPOINT_DIR", "logs": "$AIP_TENSORBOARD_LOG_DIR"}
         locations["checkpoints"] = os.environ.get("AIP_CHECKPOINT_DIR") or locations["checkpoints"]
         locations["logs"] = os.environ.get("AIP_TENSORBOARD_LOG_DIR") or locations["logs"]
+    for name, location in locations.items():
+        # Checked before the trailing slashes go: "gs://" would become "gs:", a local path.
+        if gcs.is_gcs(location) and not location[len("gs://"):].partition("/")[0]:
+            raise UsageError(f"{sources.get(name, '--model_dir')}={location}: the bucket name is missing; "
+                             "use gs://BUCKET/PATH.")
     return {name: location.rstrip("/") for name, location in locations.items()}
 
 
