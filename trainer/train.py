@@ -51,6 +51,8 @@ def run(config: Config) -> dict:
     with contextlib.ExitStack() as lock:
         if mirror is not None:
             mirror.preflight(write=chief)
+        storage.check_model_dir_is_a_run(config.model_dir, paths, mirror)
+        if mirror is not None:
             # Before the restore, which empties the local working directory another launch may be using.
             lock.enter_context(_run_lock(config, paths, mirror, chief))
             mirror.restore()
