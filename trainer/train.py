@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from trainer import accelerators
 from trainer import checkpoints
+from trainer import cli
 from trainer import data
 from trainer import distribution
 from trainer import early_stopping
@@ -208,6 +209,7 @@ class Trainer:
         else:
             self._start_summaries()
             guard = checkpoints.PreemptionGuard(self.steps.strategy, self.store)
+            sigterm = cli.note_sigterm()  # Wraps the guard's handler.
             try:
                 while int(state.epoch.numpy()) < config.total_epochs:
                     self.train_phase(self.steps.phase_of(int(state.epoch.numpy())), guard)
@@ -215,6 +217,11 @@ class Trainer:
                 guard.close()
                 self.summaries.stop_profiler()
                 self.summaries.flush()
+            if sigterm.is_set():
+                # The guard promised a checkpoint and an exit, but there was no loop call left to save after.
+                logging.warning("The SIGTERM came during the last loop call: training is complete and checkpointed "
+                                "(step %d), so the run goes on to its final evaluation and export, then exits 0.",
+                                int(state.global_step.numpy()))
         return self.finish()
 
     def _finished_outputs(self) -> dict | None:
