@@ -219,9 +219,9 @@ class Trainer:
                 self.summaries.flush()
             if sigterm.is_set():
                 # The guard promised a checkpoint and an exit, but there was no loop call left to save after.
-                logging.warning("The SIGTERM came during the last loop call: training is complete and checkpointed "
-                                "(step %d), so the run goes on to its final evaluation and export, then exits 0.",
-                                int(state.global_step.numpy()))
+                logging.warning("The SIGTERM came too late for a preemption checkpoint: training is complete and "
+                                "checkpointed (step %d), so the run goes on to its final evaluation and export, then "
+                                "exits 0.", int(state.global_step.numpy()))
         return self.finish()
 
     def _finished_outputs(self) -> dict | None:
