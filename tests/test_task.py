@@ -242,11 +242,11 @@ def test_sigterm_two_seconds_after_start_exits_42_in_one_line_having_written_not
 def test_sigterm_during_the_last_loop_call_logs_what_the_run_does_and_finishes(cifar_dir, tmp_path):
     # One loop call for the whole run: the signal lands in it (its first call traces the loop, for seconds).
     log = tmp_path / "log"
-    process = helpers.start_task(*helpers.tiny_flags(cifar_dir, tmp_path / "run", "--steps_per_loop=100"),
-                                 output=log)
+    process = helpers.start_task(*helpers.tiny_flags(cifar_dir, tmp_path / "run", "--steps_per_loop=100",
+                                                     "--train_split=train[:256]", "--eval_split=test[:64]"), output=log)
     wait_for_line(process, log, "Phase train")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
     assert re.search(r"SIGTERM came too late for a preemption checkpoint: training is complete and checkpointed "
-                     r"\(step 16\), so the run goes on to its final evaluation and export", log.read_text())
+                     r"\(step 4\), so the run goes on to its final evaluation and export", log.read_text())
     assert read_metrics(tmp_path / "run")["epochs_completed"] == 1

@@ -22,7 +22,7 @@ from trainer.errors import UsageError
 # Exit statuses, so that scripts and cluster restart policies can tell the outcomes apart.
 FAILURE_EXIT_CODE = 1  # The work failed (a NaN loss, a lost worker, a failed cloud command).
 USAGE_EXIT_CODE = 2  # The user's input is wrong; rerunning the same command cannot help.
-PREEMPTED_EXIT_CODE = 42  # A preemption checkpoint was saved; rerun the same command to resume.
+PREEMPTED_EXIT_CODE = 42  # Stopped by SIGTERM, after a preemption checkpoint if training had begun; rerun.
 # Storage or the network stayed unreachable past the retry time; rerunning later resumes. 75 is sysexits.h's
 # EX_TEMPFAIL ("a temporary failure; the user is invited to retry").
 TRANSIENT_EXIT_CODE = 75
