@@ -149,10 +149,12 @@ def check_model_dir_is_a_run(model_dir: str, paths: RunPaths, mirror: gcs.Mirror
 
 def _local_names(directory: str) -> list[str]:
     """The entries of `directory` (subdirectories with a trailing /), leaving out the empty ones of ours."""
-    if not os.path.isdir(directory):
+    try:
+        entries = os.listdir(directory)
+    except OSError:  # Missing, or unreadable: prepare_model_dir says so.
         return []
     names = []
-    for name in os.listdir(directory):
+    for name in entries:
         path = os.path.join(directory, name)
         if os.path.isdir(path):
             if name in _OWN_DIRECTORIES and not os.listdir(path):
