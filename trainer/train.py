@@ -112,12 +112,11 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
             finally:
                 if uploader is not None:
                     uploader.close()
-    except tf.errors.DataLossError as error:
-        damaged = data.damaged_shard_error(config.dataset, config.data_dir)
-        if damaged is None:
-            raise
-        raise damaged from error
     except tf.errors.OpError as error:
+        damaged = data.damaged_shard_error(config.dataset, config.data_dir) \
+            if isinstance(error, tf.errors.DataLossError) else None
+        if damaged is not None:
+            raise damaged from error
         # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise ClusterError(error) from error
