@@ -186,6 +186,11 @@ def _multi_worker_strategy(config: Config) -> tf.distribute.MultiWorkerMirroredS
                                                      communication_options=communication_options(config))
 
 
+# How often a waiting task tries the others' ports (each try waits up to a second), and how long its own listener
+# stays up once it has seen them all: longer than a poll, so that every task still waiting sees it.
+_POLL_SECONDS, _LINGER_SECONDS = 0.5, 3.0
+
+
 def wait_for_peers(tf_config: dict, timeout: int) -> None:
     """Waits until every other task of the cluster listens on its port, or fails after `timeout` seconds naming
     the missing ones.
@@ -193,11 +198,14 @@ def wait_for_peers(tf_config: dict, timeout: int) -> None:
     Creating the strategy blocks inside TensorFlow, holding the interpreter, until every task has joined: a task
     that never comes would hang the job, deaf to SIGTERM and Ctrl-C. This wait is in Python, so signals end it.
     A task is up when its port answers: TensorFlow's server once it creates its strategy, before that this wait's
-    own listener on the same port, which never accepts and closes before TensorFlow binds the port.
+    own listener on the same port, which never accepts. It stays up a little after the others are seen, for those
+    still polling, then closes before TensorFlow binds the port.
     """
     task_type, index = tf_config["task"]["type"], tf_config["task"]["index"]
     missing = {f"{role} {number} ({address})": address for role, addresses in tf_config["cluster"].items()
                for number, address in enumerate(addresses) if (role, number) != (task_type, index)}
+    if not missing:
+        return
     listener = _listen(tf_config["cluster"][task_type][index])
     deadline = time.monotonic() + timeout
     try:
@@ -206,7 +214,9 @@ def wait_for_peers(tf_config: dict, timeout: int) -> None:
                 raise Failure(f"{', '.join(missing)} of the cluster did not start within --cluster_start_timeout="
                               f"{timeout} seconds; start it, or check the addresses in the cluster's environment.")
             logging.log_every_n_seconds(logging.INFO, "Waiting for %s to start.", 30, ", ".join(missing))
-            time.sleep(0.5)
+            time.sleep(_POLL_SECONDS)
+        if listener is not None:
+            time.sleep(_LINGER_SECONDS)
     finally:
         if listener is not None:
             listener.close()
