@@ -1,10 +1,14 @@
 """The input pipeline: determinism, sharding across workers, resumption, evaluation padding, errors."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import fails_in_process
 from trainer import data
+from trainer import task
 from trainer.errors import UsageError
 
 
@@ -112,3 +116,32 @@ def test_other_tfds_datasets_with_image_and_label_work(tiny_shapes_dir):
 def test_batch_larger_than_the_training_split_is_a_usage_error():
     with pytest.raises(UsageError, match="--batch_size=512 is larger than the 100 training examples"):
         data.training_steps_per_epoch(100, 512, None)
+
+
+def damaged_copy(cifar_dir, tmp_path, name: str, content: bytes) -> str:
+    """A TFDS data dir whose cifar10/3.0.2 links to the prepared copy's files, except `name`, which holds
+    `content`: the shared copy is never touched."""
+    source = pathlib.Path(cifar_dir) / "cifar10" / "3.0.2"
+    copy = tmp_path / "tfds" / "cifar10" / "3.0.2"
+    copy.mkdir(parents=True)
+    for path in source.iterdir():
+        (copy / path.name).symlink_to(path)
+    (copy / name).unlink()
+    (copy / name).write_bytes(content)
+    return str(tmp_path / "tfds")
+
+
+def test_a_garbage_dataset_info_gets_one_line_saying_to_prepare_it_again(capsys, cifar_dir, tmp_path):
+    data_dir = damaged_copy(cifar_dir, tmp_path, "dataset_info.json", b'{"name": garbage')
+    line = fails_in_process(capsys, task, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}")
+    assert "cifar10" in line and "cannot be read" in line and "prepare it again" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_train_shard_gets_one_line_naming_the_file(capsys, cifar_dir, tmp_path):
+    shard = "cifar10-train.tfrecord-00000-of-00001"
+    with open(pathlib.Path(cifar_dir) / "cifar10" / "3.0.2" / shard, "rb") as file:
+        data_dir = damaged_copy(cifar_dir, tmp_path, shard, file.read(100_000))  # About 30 images, cut mid-record.
+    line = fails_in_process(capsys, task, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}", "--model=cnn",
+                            "--train_split=train[:512]", "--eval_split=test[:64]", "--batch_size=64")
+    assert f"{data_dir}/cifar10/3.0.2/{shard} is damaged" in line and "prepare --dataset=cifar10 again" in line

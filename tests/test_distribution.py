@@ -2,14 +2,18 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import tensorflow as tf
 
 from helpers import ROOT, make_config
 from trainer import distribution
+from trainer.errors import Failure
 
 IMPLEMENTATION = tf.distribute.experimental.CommunicationImplementation
 
@@ -99,3 +103,30 @@ def test_auto_precision_follows_the_accelerator(monkeypatch):
     assert distribution.resolve_precision(make_config("unused", "unused", precision="float32"), strategy) == "float32"
     gpus.clear()
     assert distribution.resolve_jit_compile(None, strategy) is False
+
+
+def test_workers_waiting_for_each_other_see_each_other_and_a_missing_one_is_named(tmp_path):
+    """Before TensorFlow's servers exist, each waiting task listens on its own port, so two tasks that start
+    seconds apart both stop waiting; a task that never comes is named when the wait times out."""
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+    ports = [server.getsockname()[1] for server in sockets]
+    for server in sockets:
+        server.close()
+    cluster = {"chief": [f"localhost:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"]}
+    finished = []
+
+    def wait(task_type):
+        distribution.wait_for_peers({"cluster": cluster, "task": {"type": task_type, "index": 0}}, timeout=30)
+        finished.append(task_type)
+
+    chief = threading.Thread(target=wait, args=("chief",))
+    chief.start()
+    time.sleep(2)  # The worker starts later, as pods do.
+    wait("worker")
+    chief.join(timeout=30)
+    assert sorted(finished) == ["chief", "worker"]
+    lonely = {"cluster": {"worker": [f"localhost:{ports[0]}", f"localhost:{ports[2]}"]},
+              "task": {"type": "worker", "index": 0}}
+    with pytest.raises(Failure, match=rf"worker 1 \(localhost:{ports[2]}\) of the cluster did not start within "
+                                      r"--cluster_start_timeout=1 seconds"):
+        distribution.wait_for_peers(lonely, timeout=1)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import reliability
-from helpers import ROOT, make_config, read_metrics
+from helpers import ROOT, make_config, read_metrics, single_error_line, start_task, tiny_flags
 from trainer import distribution
 from trainer import train
 from trainer.errors import UsageError
@@ -295,3 +296,44 @@ def test_reliability_report_names_its_interruption_count_and_any_sigterm_loss():
     results["sigterm"] = scenario(0, 7)
     assert "2 × SIGTERM" in reliability.markdown(results) and "**SIGTERM lost 7 finished steps" in \
         reliability.markdown(results)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [server.getsockname()[1] for server in sockets]
+    for server in sockets:
+        server.close()
+    return ports
+
+
+def test_a_worker_whose_peer_never_starts_obeys_signals_and_gives_up_after_the_cluster_start_timeout(
+        cifar_dir, tmp_path):
+    """The issue's worker 0 whose worker 1 never comes: SIGTERM and Ctrl-C end it promptly with 42 and 130, and
+    without them it stops after --cluster_start_timeout, naming the missing worker. The three run side by side."""
+    waiting = {}
+    for name in ("sigterm", "sigint", "timeout"):
+        ports = free_ports(2)
+        tf_config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                     "task": {"type": "worker", "index": 0}}
+        timeout = 10 if name == "timeout" else 300
+        waiting[name] = (start_task(*tiny_flags(cifar_dir, tmp_path / name), f"--cluster_start_timeout={timeout}",
+                                    output=tmp_path / f"{name}.log", env={"TF_CONFIG": json.dumps(tf_config)}),
+                         ports[1])
+    deadline = time.monotonic() + 240
+    for name, signum in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        process, _ = waiting[name]
+        while "Waiting for worker 1" not in (tmp_path / f"{name}.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}.log").read_text()
+            time.sleep(0.2)
+        began = time.monotonic()
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == (42 if signum == signal.SIGTERM else 130)
+        assert time.monotonic() - began < 30
+    for name, (process, missing_port) in waiting.items():
+        process.wait(timeout=240)
+        log = (tmp_path / f"{name}.log").read_text()
+        line = single_error_line(subprocess.CompletedProcess([], process.returncode, "", log))
+        assert not (tmp_path / name).exists(), name  # Nothing was written.
+        if name == "timeout":
+            assert process.returncode == 1 and f"worker 1 (localhost:{missing_port})" in line
+            assert "--cluster_start_timeout=10" in line

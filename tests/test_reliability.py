@@ -241,6 +241,8 @@ def test_an_image_size_too_big_for_memory_names_the_flags(capsys, cifar_dir, tmp
     ({"TF_CONFIG": "5"}, "needs 'cluster' and 'task' entries, got a JSON int"),
     ({"TF_CONFIG": '{"task": {}}'}, "needs 'cluster' and 'task' entries"),
     ({"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {}}'}, "type None is not a role"),
+    ({"TF_CONFIG": '{"cluster": {"worker": [23461, 23462]}, "task": {"type": "worker", "index": 0}}'},
+     'the worker addresses must be "host:port" strings, got [23461, 23462]'),
     ({"CLUSTER_SPEC": '{"cluster": {"workerpool0": ["127.0.0.1:1"]}, "task": {"type": "workerpool0", "index": "x"}}'},
      "$CLUSTER_SPEC task index='x' must be a task index"),
     ({"CLUSTER_SPEC": '{"cluster": {}, "task": {"type": "workerpool0", "index": 0}}'}, "describes no cluster"),

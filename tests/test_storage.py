@@ -1,4 +1,5 @@
-"""Run directories: created before training, and left as they were found when a run cannot start."""
+"""Run directories: created before training, left as they were found when a run cannot start, and never a folder
+of the user's that is not a run."""
 
 import errno
 import os
@@ -6,7 +7,9 @@ import tempfile
 
 import pytest
 
+from helpers import fails_in_process
 from trainer import storage
+from trainer import task
 from trainer.errors import UsageError
 
 
@@ -39,3 +42,59 @@ def test_only_created_and_still_empty_directories_are_removed(tmp_path):
     assert not (tmp_path / "mine" / "deep" / "run" / "logs").exists()
     storage.remove_if_empty(created)  # Idempotent; never touches what it did not create.
     assert (tmp_path / "mine").is_dir()
+
+
+def a_folder_of_the_users(directory):
+    """The issue's folder that is not a run: an export/ with a file of the user's, and a metrics.json."""
+    (directory / "export").mkdir(parents=True)
+    (directory / "export" / "mine.txt").write_text("x\n")
+    (directory / "metrics.json").write_text("{}")
+    return {path: path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def test_training_over_a_folder_that_is_not_a_run_is_refused_before_anything_is_written(capsys, cifar_dir, tmp_path):
+    before = a_folder_of_the_users(tmp_path / "d")
+    line = fails_in_process(capsys, task, f"--data_dir={cifar_dir}", f"--model_dir={tmp_path / 'd'}", "--model=cnn")
+    assert "holds files but no run of this trainer" in line and "export/" in line and "metrics.json" in line
+    after = {path: path.read_bytes() for path in (tmp_path / "d").rglob("*") if path.is_file()}
+    assert after == before and sorted(path.name for path in (tmp_path / "d").iterdir()) == ["export", "metrics.json"]
+
+
+def test_a_run_of_ours_an_empty_folder_and_its_own_leftovers_are_accepted(tmp_path):
+    run = storage.RunPaths.under(str(tmp_path / "missing"))
+    storage.check_model_dir_is_a_run(run.model_dir, run, None)
+    run = storage.RunPaths.under(str(tmp_path / "leftovers"))
+    storage.prepare_model_dir(run)  # Empty checkpoints/ and logs/, as a run that failed early leaves them.
+    (tmp_path / "leftovers" / ".run.lock").write_text("")
+    storage.check_model_dir_is_a_run(run.model_dir, run, None)
+    (tmp_path / "leftovers" / "history.png").write_text("")
+    with pytest.raises(UsageError, match="history.png"):
+        storage.check_model_dir_is_a_run(run.model_dir, run, None)
+    (tmp_path / "leftovers" / "config.json").write_text("{}")
+    storage.check_model_dir_is_a_run(run.model_dir, run, None)
+
+
+def test_a_gs_folder_that_is_not_a_run_is_refused_before_anything_is_written(capsys, cifar_dir, gcs_bucket):
+    from google.cloud import storage as cloud_storage
+
+    from helpers import bucket_files
+
+    bucket = cloud_storage.Client().bucket(gcs_bucket)
+    bucket.blob("not-a-run/export/mine.txt").upload_from_string("x\n")
+    bucket.blob("not-a-run/metrics.json").upload_from_string("{}")
+    line = fails_in_process(capsys, task, f"--data_dir={cifar_dir}", f"--model_dir=gs://{gcs_bucket}/not-a-run")
+    assert "holds files but no run of this trainer" in line and "export/" in line
+    assert bucket_files(gcs_bucket, "not-a-run") == ["export/mine.txt", "metrics.json"]
+    assert bucket.blob("not-a-run/metrics.json").download_as_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("environment, argv, expected", [
+    ({}, ["--model_dir=gs://"], "--model_dir=gs://: the bucket name is missing"),
+    ({"AIP_MODEL_DIR": "gs://"}, [], "$AIP_MODEL_DIR=gs://: the bucket name is missing"),
+    ({"AIP_MODEL_DIR": "gs://b/run", "AIP_CHECKPOINT_DIR": "gs:///checkpoints"}, [],
+     "$AIP_CHECKPOINT_DIR=gs:///checkpoints: the bucket name is missing"),
+])
+def test_a_gs_location_without_a_bucket_says_so(capsys, monkeypatch, environment, argv, expected):
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert expected in fails_in_process(capsys, task, "--model=cnn", *argv)

@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -218,3 +220,33 @@ def test_imagenet_weights_offline_suggest_alternatives(capsys, cifar_dir, tmp_pa
     line = fails_in_process(capsys, "--model=resnet50", "--image_size=32", f"--data_dir={cifar_dir}",
                             f"--model_dir={tmp_path}")
     assert "cannot download the ResNet50 ImageNet weights" in line and "--weights=none" in line
+
+
+def wait_for_line(process, log: pathlib.Path, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_sigterm_two_seconds_after_start_exits_42_in_one_line_having_written_nothing(cifar_dir, tmp_path):
+    process = helpers.start_task(*helpers.tiny_flags(cifar_dir, tmp_path / "run"), output=tmp_path / "log")
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 42
+    line = single_error_line(subprocess.CompletedProcess([], 42, "", (tmp_path / "log").read_text()))
+    assert "stopped by SIGTERM" in line and "rerun the same command" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_the_last_loop_call_logs_what_the_run_does_and_finishes(cifar_dir, tmp_path):
+    # One loop call for the whole run: the signal lands in it (its first call traces the loop, for seconds).
+    log = tmp_path / "log"
+    process = helpers.start_task(*helpers.tiny_flags(cifar_dir, tmp_path / "run", "--steps_per_loop=100",
+                                                     "--train_split=train[:256]", "--eval_split=test[:64]"), output=log)
+    wait_for_line(process, log, "Phase train")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
+    assert re.search(r"SIGTERM came too late for a preemption checkpoint: training is complete and checkpointed "
+                     r"\(step 4\), so the run goes on to its final evaluation and export", log.read_text())
+    assert read_metrics(tmp_path / "run")["epochs_completed"] == 1

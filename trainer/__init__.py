@@ -50,6 +50,8 @@ Afterwards, the results tools and the prediction server:
   compare.py         python -m trainer.compare: runs side by side
   serve.py           python -m trainer.serve: the web page and prediction API
   server.py          the server's web application (FastAPI): page, predict, health, metrics routes
+  http_connections.py  the server's connections: head and body deadlines, the connection cap that evicts the slowest
+  inflight_requests.py the server's request bodies in flight (memory cap) and its SIGTERM grace with JSON 503s
   served_model.py    the model the server serves and what the page shows about it
   prediction_requests.py  TF Serving / Vertex AI request bodies, checked and decoded
   graph_images.py    image decoding inside the graph, as predict.py does it

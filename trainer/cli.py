@@ -5,7 +5,9 @@ It imports no TensorFlow, so the launchers can use it on a machine without it.
 
 import logging as python_logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from absl import app
@@ -20,11 +22,43 @@ from trainer.errors import UsageError
 # Exit statuses, so that scripts and cluster restart policies can tell the outcomes apart.
 FAILURE_EXIT_CODE = 1  # The work failed (a NaN loss, a lost worker, a failed cloud command).
 USAGE_EXIT_CODE = 2  # The user's input is wrong; rerunning the same command cannot help.
-PREEMPTED_EXIT_CODE = 42  # A preemption checkpoint was saved; rerun the same command to resume.
+PREEMPTED_EXIT_CODE = 42  # Stopped by SIGTERM, after a preemption checkpoint if training had begun; rerun.
 # Storage or the network stayed unreachable past the retry time; rerunning later resumes. 75 is sysexits.h's
 # EX_TEMPFAIL ("a temporary failure; the user is invited to retry").
 TRANSIENT_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as shells report it.
+
+# SIGTERM outside the training loop (whose PreemptionGuard checkpoints first): the process ends at once with
+# PREEMPTED_EXIT_CODE, not killed by the signal (143). Nothing is lost by it: before the first checkpoint the run
+# has written nothing a rerun needs, and after one the rerun resumes from it (see the README's reliability section).
+STOPPED_BY_SIGTERM = ("error: stopped by SIGTERM (exit status 42): rerun the same command; it resumes from the last "
+                      "checkpoint, or starts afresh if there was none.\n")
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    del signum, frame
+    os.write(2, STOPPED_BY_SIGTERM.encode())  # Not print: the signal may interrupt a write to sys.stderr.
+    sys.exit(PREEMPTED_EXIT_CODE)  # SystemExit: the `finally` blocks on the way out still release the run lock.
+
+
+def exit_on_sigterm() -> None:
+    """Makes SIGTERM end the process with PREEMPTED_EXIT_CODE and one line; call it before importing TensorFlow,
+    whose start-up takes seconds."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def note_sigterm() -> threading.Event:
+    """An event that SIGTERM sets, wrapped around the handler in place (which still runs)."""
+    received, handler = threading.Event(), signal.getsignal(signal.SIGTERM)
+
+    def note(signum, frame):
+        received.set()
+        if callable(handler):
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    return received
+
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-h", "-?")
 # Where this project's modules live, installed or not: their INFO messages are the job's log.

@@ -110,6 +110,9 @@ class Config:
     heartbeat_timeout: int = option(
         30, "multi_worker_mirrored: seconds without a heartbeat after which a worker counts as dead and the job "
         "fails.", group="Hardware", rule=POSITIVE, resumable=True)
+    cluster_start_timeout: int = option(
+        600, "multi_worker_mirrored: seconds to wait for every worker of the cluster to start; after it the job "
+        "fails in one line naming the missing ones.", group="Hardware", rule=POSITIVE, resumable=True)
     jit_compile: bool | None = option(
         None, "Compile the training and evaluation steps with XLA (TPUs always compile). XLA's CPU convolutions "
         "measured 2x slower here.", group="Hardware", resumable=True, default_text="on for GPU, off for CPU")

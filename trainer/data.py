@@ -5,6 +5,7 @@ import os
 import socket
 
 from absl import logging
+from google.protobuf import json_format
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 from trainer import folder_dataset
 from trainer import image_folder
 from trainer.errors import UsageError
+from trainer.errors import one_line
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Labels of the examples that pad the evaluation set to whole global batches; they carry no weight.
@@ -48,6 +50,11 @@ def load_builder(name: str, data_dir: str | None, *, image_size: int | None = No
     except tfds.core.registered.DatasetNotFoundError as error:
         raise UsageError(f"--dataset={name} is not a TFDS dataset; see `tfds.list_builders()` "
                          "for the names (e.g. cifar10, cifar100).") from error
+    except (json_format.ParseError, ValueError, OSError) as error:
+        # A prepared copy whose dataset_info.json or features.json is garbage or unreadable.
+        where = os.path.join(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets", name)
+        raise UsageError(f"the prepared copy of --dataset={name} in {where} cannot be read ({one_line(error, 160)}); "
+                         "prepare it again, or point --data_dir (or TFDS_DATA_DIR) at a good copy.") from error
     if not builder.is_prepared():
         _download_and_prepare(builder, name)
     _check_features(builder, name)
@@ -59,6 +66,22 @@ def folder_options(run_config: dict) -> dict:
     reloading the run finds the copy of its folder it trained on."""
     return {"image_size": run_config.get("image_size"),
             "validation_fraction": run_config.get("validation_fraction", image_folder.DEFAULT_VALIDATION_FRACTION)}
+
+
+def damaged_shard_error(name: str, data_dir: str | None) -> UsageError | None:
+    """The one line for a DataLossError while reading --dataset: a UsageError naming its damaged file (a shard cut
+    short or corrupted), or None when every file reads whole, so the error came from somewhere else."""
+    if image_folder.is_folder(name):
+        return None  # A folder's shards are ours, keyed by its fingerprint; a damaged copy is not found by name.
+    directory = tfds.builder(name, data_dir=data_dir).data_dir
+    for shard in sorted(tf.io.gfile.glob(os.path.join(directory, "*.tfrecord*"))):
+        try:
+            for _ in tf.data.TFRecordDataset(shard).batch(4096):
+                pass
+        except tf.errors.DataLossError:
+            return UsageError(f"{shard} is damaged (cut short or corrupted); prepare --dataset={name} again, or "
+                              "point --data_dir (or TFDS_DATA_DIR) at a good copy.")
+    return None
 
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str) -> None:

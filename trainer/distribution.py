@@ -3,12 +3,15 @@
 import contextlib
 import json
 import os
+import socket
+import time
 
 from absl import logging
 import keras
 import tensorflow as tf
 
 from trainer.config import Config
+from trainer.errors import Failure
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
@@ -103,6 +106,10 @@ def _checked_cluster(tf_config: dict, variable: str) -> dict:
     if not cluster or not all(isinstance(hosts, list) and hosts for hosts in cluster.values()):
         raise UsageError(f"${variable} describes no cluster: each role needs a list of host:port addresses, got "
                          f"{json.dumps(cluster)[:120]}.")
+    for role, hosts in cluster.items():
+        if not all(isinstance(host, str) and host.strip() for host in hosts):
+            raise UsageError(f"${variable}: the {role} addresses must be \"host:port\" strings, got "
+                             f"{json.dumps(hosts)[:120]}.")
     task_type = task.get("type")
     if task_type == "evaluator":  # TensorFlow's side-car evaluator is the one task outside the cluster.
         return tf_config
@@ -171,11 +178,74 @@ def _multi_worker_strategy(config: Config) -> tf.distribute.MultiWorkerMirroredS
             raise UsageError(f"This task is a {tf_config['task']['type']}; multi_worker_mirrored runs chief and "
                              "worker tasks only.")
         os.environ["TF_CONFIG"] = json.dumps(tf_config)
+        wait_for_peers(tf_config, config.cluster_start_timeout)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if resolver.cluster_spec().jobs:
         _configure_failure_detection(resolver, config.heartbeat_timeout)
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                      communication_options=communication_options(config))
+
+
+# How often a waiting task tries the others' ports (each try waits up to a second), and how long its own listener
+# stays up once it has seen them all: longer than a poll, so that every task still waiting sees it.
+_POLL_SECONDS, _LINGER_SECONDS = 0.5, 3.0
+
+
+def wait_for_peers(tf_config: dict, timeout: int) -> None:
+    """Waits until every other task of the cluster listens on its port, or fails after `timeout` seconds naming
+    the missing ones.
+
+    Creating the strategy blocks inside TensorFlow, holding the interpreter, until every task has joined: a task
+    that never comes would hang the job, deaf to SIGTERM and Ctrl-C. This wait is in Python, so signals end it.
+    A task is up when its port answers: TensorFlow's server once it creates its strategy, before that this wait's
+    own listener on the same port, which never accepts. It stays up a little after the others are seen, for those
+    still polling, then closes before TensorFlow binds the port.
+    """
+    task_type, index = tf_config["task"]["type"], tf_config["task"]["index"]
+    missing = {f"{role} {number} ({address})": address for role, addresses in tf_config["cluster"].items()
+               for number, address in enumerate(addresses) if (role, number) != (task_type, index)}
+    if not missing:
+        return
+    listener = _listen(tf_config["cluster"][task_type][index])
+    deadline = time.monotonic() + timeout
+    try:
+        while missing := {name: address for name, address in missing.items() if not _answers(address)}:
+            if time.monotonic() > deadline:
+                raise Failure(f"{', '.join(missing)} of the cluster did not start within --cluster_start_timeout="
+                              f"{timeout} seconds; start it, or check the addresses in the cluster's environment.")
+            logging.log_every_n_seconds(logging.INFO, "Waiting for %s to start.", 30, ", ".join(missing))
+            time.sleep(_POLL_SECONDS)
+        if listener is not None:
+            time.sleep(_LINGER_SECONDS)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _listen(address: str) -> socket.socket | None:
+    """A socket listening on this task's port, so that the others see it up; None when the port is taken."""
+    try:
+        port = _host_and_port(address)[1]
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return socket.create_server(("", port))
+    except (OSError, ValueError) as error:
+        logging.warning("Cannot listen on %s while the cluster forms (%s); the other tasks wait for TensorFlow's "
+                        "server there instead.", address, error)
+        return None
+
+
+def _answers(address: str) -> bool:
+    try:
+        with socket.create_connection(_host_and_port(address), timeout=1):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def communication_options(config: Config) -> tf.distribute.experimental.CommunicationOptions:

@@ -50,7 +50,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     """gs://bucket/some/prefix -> ("bucket", "some/prefix")."""
     bucket, _, prefix = uri[len("gs://"):].partition("/")
     if not bucket:
-        raise UsageError(f"{uri} names no bucket; use gs://BUCKET/PATH.")
+        raise UsageError(f"{uri}: the bucket name is missing; use gs://BUCKET/PATH.")
     return bucket, prefix.strip("/")
 
 
@@ -213,6 +213,18 @@ class Mirror:
         # Checkpoint state comes first so the latest checkpoint is known when its files are listed.
         blobs = list(self.client.list_blobs(bucket, prefix=prefix + "/" if prefix else None))
         return sorted(blobs, key=lambda blob: not blob.name.endswith("/" + CHECKPOINT_STATE))
+
+    def remote_names(self, root_index: int) -> list[str]:
+        """The names directly under a root in the bucket: its objects, and its subfolders with a trailing /."""
+        bucket, prefix = split_uri(self.roots[root_index].remote)
+        prefix = prefix + "/" if prefix else ""
+
+        def top_level():
+            blobs = self.client.list_blobs(bucket, prefix=prefix or None, delimiter="/",
+                                           retry=client_retry(self.retry_seconds))
+            return [blob.name[len(prefix):] for blob in blobs] + [name[len(prefix):] for name in blobs.prefixes]
+
+        return retry_transient(top_level, f"{self.roots[root_index].remote}: listing it", self.retry_seconds)
 
     def download_tree(self, relative_dir: str, local_dir: str) -> None:
         """Fetches everything under `relative_dir` of the first (model) root, e.g. the export."""

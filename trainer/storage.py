@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 
@@ -55,9 +56,16 @@ def run_locations(model_dir: str) -> dict[str, str]:
     join = posixpath.join if gcs.is_gcs(model_dir) else os.path.join
     locations = {"model": model_dir, "checkpoints": join(model_dir, "checkpoints"), "logs": join(model_dir, "logs")}
     vertex_model_dir = os.environ.get("AIP_MODEL_DIR", "")
+    sources = {"model": "--model_dir"}
     if vertex_model_dir and vertex_model_dir.rstrip("/") == model_dir.rstrip("/"):
+        sources = {"model": "$AIP_MODEL_DIR", "checkpoints": "$AIP_CHECKPOINT_DIR", "logs": "$AIP_TENSORBOARD_LOG_DIR"}
         locations["checkpoints"] = os.environ.get("AIP_CHECKPOINT_DIR") or locations["checkpoints"]
         locations["logs"] = os.environ.get("AIP_TENSORBOARD_LOG_DIR") or locations["logs"]
+    for name, location in locations.items():
+        # Checked before the trailing slashes go: "gs://" would become "gs:", a local path.
+        if gcs.is_gcs(location) and not location[len("gs://"):].partition("/")[0]:
+            raise UsageError(f"{sources.get(name, '--model_dir')}={location}: the bucket name is missing; "
+                             "use gs://BUCKET/PATH.")
     return {name: location.rstrip("/") for name, location in locations.items()}
 
 
@@ -109,6 +117,51 @@ def local_copy(model_dir: str) -> str:
 def upload_copy(model_dir: str) -> None:
     """Sends the files added to a local copy made by `local_copy` back to its gs:// run."""
     _COPIES[model_dir].upload()
+
+
+# What a run of ours may leave in model_dir before it writes config.json: its lock and scratch files, and the empty
+# directories it makes first.
+_OWN_LEFTOVERS = re.compile(r"\.run\.lock|\.tmp-.*|\.write-check-.*")
+_OWN_DIRECTORIES = ("checkpoints", "logs")
+
+
+def check_model_dir_is_a_run(model_dir: str, paths: RunPaths, mirror: gcs.Mirror | None) -> None:
+    """Refuses, before anything is written, a --model_dir that holds files but no run of ours (no config.json and
+    no checkpoints): training would overwrite or delete them (the export, metrics.json, history.png). A run of ours
+    resumes, and an empty or missing directory starts one."""
+    if mirror is None:
+        names = _local_names(paths.model_dir)
+        ours = os.path.exists(paths.config_file) or has_checkpoint(paths)
+    else:
+        names = mirror.remote_names(0)
+        checkpoint_names = mirror.remote_names(1)
+        ours = CONFIG_FILE in names or any(
+            name == gcs.CHECKPOINT_STATE or re.fullmatch(r"ckpt-\d+\.index", name) for name in checkpoint_names)
+    if ours:
+        return
+    foreign = sorted(name for name in names if not _OWN_LEFTOVERS.fullmatch(name))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UsageError(f"--model_dir={model_dir} holds files but no run of this trainer (no {CONFIG_FILE}, no "
+                         f"checkpoints): {shown}. Training would overwrite them; give a new or empty directory, or "
+                         "the directory of a run to resume it.")
+
+
+def _local_names(directory: str) -> list[str]:
+    """The entries of `directory` (subdirectories with a trailing /), leaving out the empty ones of ours."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:  # Missing, or unreadable: prepare_model_dir says so.
+        return []
+    names = []
+    for name in entries:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):
+            if name in _OWN_DIRECTORIES and not os.listdir(path):
+                continue
+            name += "/"
+        names.append(name)
+    return names
 
 
 def prepare_model_dir(paths: RunPaths) -> list[str]:

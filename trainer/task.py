@@ -2,7 +2,6 @@
 
 from trainer import cli
 from trainer import config as config_lib
-from trainer import train
 from trainer.errors import UsageError
 
 USAGE = """Trains, evaluates and exports an image classifier on a TFDS dataset under any tf.distribute strategy.
@@ -15,8 +14,13 @@ FLAGS = config_lib.define_flags(cli.flag_registry())
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
+    # Imported here, after cli.exit_on_sigterm: TensorFlow takes seconds to import, and a SIGTERM meanwhile must
+    # end the process with its documented status, not kill it.
+    from trainer import train
+
     train.run(config_lib.config_from_flags(FLAGS))
 
 
 if __name__ == "__main__":
+    cli.exit_on_sigterm()
     cli.start(main, FLAGS, USAGE)

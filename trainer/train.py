@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from trainer import accelerators
 from trainer import checkpoints
+from trainer import cli
 from trainer import data
 from trainer import distribution
 from trainer import early_stopping
@@ -52,6 +53,8 @@ def run(config: Config) -> dict:
     with contextlib.ExitStack() as lock:
         if mirror is not None:
             mirror.preflight(write=chief)
+        storage.check_model_dir_is_a_run(config.model_dir, paths, mirror)
+        if mirror is not None:
             # Before the restore, which empties the local working directory another launch may be using.
             lock.enter_context(_run_lock(config, paths, mirror, chief))
             mirror.restore()
@@ -113,6 +116,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunP
                 if uploader is not None:
                     uploader.close()
     except tf.errors.OpError as error:
+        damaged = data.damaged_shard_error(config.dataset, config.data_dir) \
+            if isinstance(error, tf.errors.DataLossError) else None
+        if damaged is not None:
+            raise damaged from error
         # Across workers, an op error is how TensorFlow reports a dead or unreachable peer.
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise ClusterError(error) from error
@@ -202,6 +209,7 @@ class Trainer:
         else:
             self._start_summaries()
             guard = checkpoints.PreemptionGuard(self.steps.strategy, self.store)
+            sigterm = cli.note_sigterm()  # Wraps the guard's handler.
             try:
                 while int(state.epoch.numpy()) < config.total_epochs:
                     self.train_phase(self.steps.phase_of(int(state.epoch.numpy())), guard)
@@ -209,6 +217,11 @@ class Trainer:
                 guard.close()
                 self.summaries.stop_profiler()
                 self.summaries.flush()
+            if sigterm.is_set():
+                # The guard promised a checkpoint and an exit, but there was no loop call left to save after.
+                logging.warning("The SIGTERM came too late for a preemption checkpoint: training is complete and "
+                                "checkpointed (step %d), so the run goes on to its final evaluation and export, then "
+                                "exits 0.", int(state.global_step.numpy()))
         return self.finish()
 
     def _finished_outputs(self) -> dict | None:
