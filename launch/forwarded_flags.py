@@ -7,6 +7,7 @@ from absl import flags
 
 from trainer import cli
 from trainer import config as config_lib
+from trainer import image_folder
 from trainer.errors import UsageError
 
 # A weights file is read where the trainer runs (inside the image); on this machine it need not exist.
@@ -18,17 +19,26 @@ def check_trainer_flags(arguments: Sequence[str], launcher_flags: Sequence[str] 
     """Parses `launcher_flags` + `arguments` as trainer.task would and builds its Config (which checks every value
     and the rules between them), without running anything. `local_files`: the trainer runs on this machine, so
     the files its flags name must exist here."""
-    registry = config_lib.define_flags(cli.flag_registry())
     if not local_files:
         arguments = [_without_container_file(argument) for argument in arguments]
-    try:
-        registry(["trainer.task", *launcher_flags, *arguments])
-    except flags.Error as error:
-        raise UsageError(f"trainer flags after --: {error}") from error
+    registry = _parsed(launcher_flags, arguments)
+    if not local_files and image_folder.is_folder(registry.dataset) and not registry["eval_split"].present:
+        # Which split of a folder is held out is found where the job reads the folder, with the job's credentials;
+        # this machine need not read the bucket (or have the container's path).
+        registry = _parsed([*launcher_flags, f"--eval_split={image_folder.HELD_OUT_SPLITS[0]}"], arguments)
     try:
         config_lib.config_from_flags(registry)
     except UsageError as error:
         raise UsageError(f"trainer flags after --: {error}") from error
+
+
+def _parsed(launcher_flags: Sequence[str], arguments: Sequence[str]) -> flags.FlagValues:
+    registry = config_lib.define_flags(cli.flag_registry())
+    try:
+        registry(["trainer.task", *launcher_flags, *arguments])
+    except flags.Error as error:
+        raise UsageError(f"trainer flags after --: {error}") from error
+    return registry
 
 
 def _without_container_file(argument: str) -> str:

@@ -1,7 +1,10 @@
 """Small folders of real CIFAR-10 test images for the folder-dataset tests: mixed sizes and formats, some broken."""
 
+import contextlib
+import http.server
 import io
 import pathlib
+import threading
 import struct
 import zlib
 
@@ -94,3 +97,33 @@ def tree_snapshot(root: pathlib.Path) -> dict[str, bytes]:
     """Every regular file under root with its bytes: the user's folder must look the same after a run."""
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
             if path.is_file() and not path.is_symlink()}
+
+
+class _Forbidding(http.server.BaseHTTPRequestHandler):
+    """Cloud Storage as it answers an account without storage.objects.list (the emulator grants everything)."""
+
+    def do_GET(self):
+        self.server.paths.append(self.path)
+        body = (b'{"error": {"code": 403, "message": "someone@example.com does not have storage.objects.list '
+                b'access to the Google Cloud Storage bucket.", "errors": []}}')
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *arguments):
+        pass
+
+
+@contextlib.contextmanager
+def forbidding_bucket():
+    """A Cloud Storage endpoint on loopback that refuses every read: yields (its STORAGE_EMULATOR_HOST value, the
+    paths asked for)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
+    server.paths = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.paths
+    finally:
+        server.shutdown()

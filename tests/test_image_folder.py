@@ -1,10 +1,8 @@
 """Folder datasets: both layouts, local and gs://, prepared once and reused, every bad input in one line, and the
 class names reaching a run's export, metrics and evaluation."""
 
-import http.server
 import os
 import pathlib
-import threading
 
 import numpy as np
 import pytest
@@ -172,32 +170,12 @@ def test_a_bucket_folder_is_prepared_like_a_local_one(gcs_bucket, tmp_path, pict
         data.load_builder(f"gs://{gcs_bucket}/nothing-here", str(tmp_path / "tfds"), image_size=32)
 
 
-class _Forbidding(http.server.BaseHTTPRequestHandler):
-    """Cloud Storage as it answers an account without storage.objects.list (the emulator grants everything)."""
-
-    def do_GET(self):
-        body = (b'{"error": {"code": 403, "message": "someone@example.com does not have storage.objects.list '
-                b'access to the Google Cloud Storage bucket.", "errors": []}}')
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *arguments):
-        pass
-
-
 def test_a_bucket_folder_without_permission_is_refused_in_one_line(monkeypatch, tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")
-    try:
+    with image_folders.forbidding_bucket() as (endpoint, _):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
         with pytest.raises(UsageError, match="no permission to list it.*storage.objects.list") as error:
             data.load_builder("gs://private/pictures", str(tmp_path / "tfds"), image_size=32)
         assert "\n" not in str(error.value)
-    finally:
-        server.shutdown()
 
 
 def test_a_run_on_a_folder_carries_its_class_names_to_the_export_metrics_and_evaluation(pets, tmp_path):

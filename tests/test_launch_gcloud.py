@@ -16,6 +16,7 @@ import tarfile
 import pytest
 
 import gcloud_standin
+import image_folders
 import vertex_api
 from helpers import ROOT
 from helpers import run_task
@@ -199,3 +200,17 @@ def test_cloud_build_uploads_the_git_files_and_creates_the_build(standin, gcs_bu
         uploaded = sorted(member.name for member in archive.getmembers() if member.isfile())
     # gcloud's default .gcloudignore leaves out .gitignore itself.
     assert uploaded == ["Dockerfile", "trainer/task.py"]
+
+
+def test_a_bucket_folder_dataset_is_submitted_without_the_launcher_reading_the_bucket(standin):
+    # The job reads the folder with its own account; this machine's account may not read it at all.
+    server, environment = standin
+    with image_folders.forbidding_bucket() as (endpoint, asked):
+        trainer = ("--", "--dataset=gs://my-bucket/pets", "--model=cnn", "--image_size=64")
+        name, requests = launch((server, {**environment, "STORAGE_EMULATOR_HOST": endpoint}), *BASE,
+                                "--topology=multi_worker", "--machines=2", f"--image={IMAGE}", *trainer)
+    assert not asked
+    (request,) = requests
+    assert (request["method"], request["path"]) == ("POST", f"{LOCATION}/customJobs")
+    for pool in request["body"]["jobSpec"]["workerPoolSpecs"]:
+        assert pool["containerSpec"]["args"][-3:] == list(trainer[1:])

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import image_folders
 import kubernetes_api
 from helpers import run_task
 from helpers import single_error_line
@@ -267,3 +268,15 @@ def test_help_lists_the_flags():
     result = run_task("--help", module="launch.gke", timeout=60)
     assert result.returncode == 0
     assert "--workers" in result.stdout and "--tpu_topology" in result.stdout
+
+
+def test_a_bucket_folder_dataset_is_applied_without_the_launcher_reading_the_bucket(cluster, tmp_path):
+    # The pods read the folder with their own account; this machine's account may not read it at all.
+    trainer = ["--dataset=gs://my-bucket/pets", "--model=cnn", "--image_size=64"]
+    with image_folders.forbidding_bucket() as (endpoint, asked):
+        env = {**cluster.kubeconfig(tmp_path, "folder", (CONTEXT,)), "STORAGE_EMULATOR_HOST": endpoint}
+        result = run_task(*BASE, "--workers=2", "--", *trainer, module="launch.gke", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not asked
+    _, job = created_objects(cluster, "folder")
+    assert pod_container(job)["args"][-3:] == trainer

@@ -5,6 +5,7 @@ import collections
 import concurrent.futures
 import io
 import os
+import random
 
 from absl import logging
 import numpy as np
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 from trainer import image_folder
 from trainer import gcs
 from trainer import display_text
+from trainer import folder_workers
 from trainer import image_files
 from trainer import progress
 from trainer.errors import UsageError
@@ -146,19 +148,41 @@ def _reason(error: Exception) -> str:
 
 
 def load(root: str, data_dir: str | None, *, image_size: int | None, validation_fraction: float) -> ImageFolderBuilder:
-    """The folder's prepared builder: prepared now when the folder (or the stored size) is new, else reused."""
-    folder = image_folder.discover(root, validation_fraction)
-    builder = ImageFolderBuilder(folder, stored_image_size(image_size), data_dir)
-    if builder.is_prepared():
-        logging.info("%s: using its prepared copy in %s (%s).", root, builder.data_dir, _totals(builder))
+    """The folder's prepared builder: prepared now when the folder (or the stored size) is new, else reused. In a
+    multi-worker job only the chief prepares it; the others wait for its word (see folder_workers)."""
+    size = stored_image_size(image_size)
+    worker = folder_workers.this_worker()
+    if worker is None or worker.is_chief:
+        with folder_workers.telling_the_others(worker, root, size) as tell_the_others:
+            builder = _prepared(root, data_dir, size, validation_fraction)
+            tell_the_others(builder.builder_config.name)
     else:
-        _prepare(builder)
+        chief_copy = folder_workers.wait_for_chief(worker, root, size)
+        builder = _prepared(root, data_dir, size, validation_fraction, chief_copy=chief_copy)
     skipped = skipped_files(builder)
     if skipped:
         named = "; ".join(f"{display_text.printable(path)} ({reason})" for path, reason in skipped[:NAMED_IN_SUMMARY])
         logging.warning("%s: %d file%s skipped (all of them are listed in the run directory's %s): %s%s.", root,
                         len(skipped), "s" * (len(skipped) != 1), SKIPPED_FILES, named,
                         "; ..." if len(skipped) > NAMED_IN_SUMMARY else "")
+    return builder
+
+
+def _prepared(root: str, data_dir: str | None, image_size: int, validation_fraction: float,
+              chief_copy: str | None = None) -> ImageFolderBuilder:
+    folder = image_folder.discover(root, validation_fraction)
+    builder = ImageFolderBuilder(folder, image_size, data_dir)
+    if chief_copy is not None and builder.builder_config.name != chief_copy:
+        # Workers training on different images would not train one model.
+        raise UsageError(f"--dataset={root} changed while the job started: the chief prepared {chief_copy}, this "
+                         f"worker lists {builder.builder_config.name}; leave the folder alone while a job reads it.")
+    if builder.is_prepared():
+        logging.info("%s: using its prepared copy in %s (%s).", root, builder.data_dir, _totals(builder))
+    else:
+        if chief_copy is not None:
+            logging.info("%s: the chief's copy is not in this worker's --data_dir (%s), which it does not share; "
+                         "preparing the same copy here.", root, data_dir)
+        _prepare(builder)
     return builder
 
 
@@ -169,9 +193,14 @@ def _prepare(builder: ImageFolderBuilder) -> None:
                  builder.data_dir)
     showing = tfds.core.utils.tqdm_utils._active  # TFDS's own bars would overwrite ours on the same terminal.
     tfds.display_progress_bar(False)
+    # TFDS draws from Python's generator while it writes, and Keras seeds its initializers from it: without this, a
+    # run that prepares the folder would start from other weights than its rerun, which finds the folder prepared.
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         builder.download_and_prepare()
     finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
         tfds.display_progress_bar(showing)
         builder._progress.close()
     for line in summary(builder):
