@@ -37,28 +37,32 @@ from benchmarks import readme  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer.errors import UsageError  # noqa: E402
 
-FLAGS = flags.FLAGS
+FLAGS = cli.flag_registry()
 # Flags of the job that the report describes, recorded with the results.
 JOB_FLAGS = ("interruptions", "epochs", "train_split", "eval_split", "checkpoint_steps", "steps_per_loop", "min_delay",
              "max_delay", "seed")
-
-
-def define_flags() -> None:
-    """Defined only when run as a script, so that importing the module (as its tests do) defines no flags."""
-    flags.DEFINE_integer("interruptions", 5, "Interruptions per interrupted scenario.")
-    flags.DEFINE_integer("epochs", 4, "Epochs of the job.")
-    flags.DEFINE_string("train_split", "train", "Training split (a slice such as train[:2000] for a quick check).")
-    flags.DEFINE_string("eval_split", "test", "Split the final test accuracy is measured on.")
-    flags.DEFINE_integer("checkpoint_steps", 50, "The job's --checkpoint_steps: what a SIGKILL can lose at most.")
-    flags.DEFINE_integer("steps_per_loop", 10, "The job's --steps_per_loop.")
-    flags.DEFINE_float("min_delay", 3.0, "Seconds an attempt trains at least before it is interrupted.")
-    flags.DEFINE_float("max_delay", 20.0, "Seconds an attempt trains at most before it is interrupted.")
-    flags.DEFINE_integer("seed", 0, "Seed for when and which worker is interrupted.")
-    flags.DEFINE_string("data_dir", os.environ.get("TFDS_DATA_DIR") or
-                        str(ROOT.parent / "shared" / "tensorflow_datasets"), "TFDS data dir holding cifar10.")
-    flags.DEFINE_string("runs_dir", str(ROOT / "runs"), "Where the jobs' model directories go (replaced each run).")
-    flags.DEFINE_string("output", str(ROOT / "benchmarks" / "reliability.json"), "Where the results go (JSON).")
-    flags.DEFINE_bool("update_readme", False, "Replace the README's reliability block with this run's table.")
+flags.DEFINE_integer("interruptions", 5, "Interruptions per interrupted scenario.", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 4, "Epochs of the job.", flag_values=FLAGS)
+flags.DEFINE_string("train_split", "train", "Training split (a slice such as train[:2000] for a quick check).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("eval_split", "test", "Split the final test accuracy is measured on.", flag_values=FLAGS)
+flags.DEFINE_integer("checkpoint_steps", 50, "The job's --checkpoint_steps: what a SIGKILL can lose at most.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps_per_loop", 10, "The job's --steps_per_loop.", flag_values=FLAGS)
+flags.DEFINE_float("min_delay", 3.0, "Seconds an attempt trains at least before it is interrupted.",
+                   flag_values=FLAGS)
+flags.DEFINE_float("max_delay", 20.0, "Seconds an attempt trains at most before it is interrupted.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed for when and which worker is interrupted.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", os.environ.get("TFDS_DATA_DIR") or
+                    str(ROOT.parent / "shared" / "tensorflow_datasets"), "TFDS data dir holding cifar10.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("runs_dir", str(ROOT / "runs"), "Where the jobs' model directories go (replaced each run).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output", str(ROOT / "benchmarks" / "reliability.json"), "Where the results go (JSON).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("update_readme", False, "Replace the README's reliability block with this run's table.",
+                  flag_values=FLAGS)
 
 WORKERS = 2
 # An attempt that has not trained after this long is stuck; the benchmark gives up on it.
@@ -278,5 +282,4 @@ def report_scenario(name: str, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    cli.start(main, flags.FLAGS, __doc__)
+    cli.start(main, FLAGS, __doc__)

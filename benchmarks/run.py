@@ -29,6 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from trainer import cli  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribution  # noqa: E402
 from trainer import train  # noqa: E402
@@ -38,17 +39,20 @@ from benchmarks import report  # noqa: E402
 from benchmarks.synthetic import synthetic_iterator  # noqa: E402
 
 SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast")
-flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.")
-flags.DEFINE_float("round_seconds", 8.0, "Target length of one timed round.")
-flags.DEFINE_string("output", str(ROOT / "benchmarks" / "results.json"), "Where the raw results go (JSON).")
+FLAGS = cli.flag_registry()
+flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.", flag_values=FLAGS)
+flags.DEFINE_float("round_seconds", 8.0, "Target length of one timed round.", flag_values=FLAGS)
+flags.DEFINE_string("output", str(ROOT / "benchmarks" / "results.json"), "Where the raw results go (JSON).",
+                    flag_values=FLAGS)
 flags.DEFINE_list("models", ["cnn", "airbench", "resnet50"],
-                  "Models for the throughput section; rows of other models already in the results file are kept.")
+                  "Models for the throughput section; rows of other models already in the results file are kept.",
+                  flag_values=FLAGS)
 flags.DEFINE_list("fast_runs", None, "Runs of the fast section (default: all of them); the others already in the "
-                  "results file are kept.")
+                  "results file are kept.", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "TFDS data directory holding CIFAR-10. Default: $TFDS_DATA_DIR, else the "
-                    "prepared copy in ../shared/tensorflow_datasets beside the repo.")
-flags.DEFINE_bool("update_readme", False, "Rewrite the README's results section from the results file.")
-FLAGS = flags.FLAGS
+                    "prepared copy in ../shared/tensorflow_datasets beside the repo.", flag_values=FLAGS)
+flags.DEFINE_bool("update_readme", False, "Rewrite the README's results section from the results file.",
+                  flag_values=FLAGS)
 
 BATCH_SIZE = 128
 # Models at the sizes measured here: resnet50 at 64x64 (224x224 runs at a few images/s on 2 cores).
@@ -319,4 +323,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv, __doc__))

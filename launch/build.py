@@ -26,17 +26,23 @@ from launch import cloud
 from trainer import cli
 from trainer.errors import UsageError
 
-flags.DEFINE_string("image", None, "Image repository without tag, e.g. us-central1-docker.pkg.dev/PROJECT/REPO/NAME.")
-flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "TensorFlow build in the image (Dockerfile ACCELERATOR).")
+FLAGS = cli.flag_registry()
+flags.DEFINE_string("image", None, "Image repository without tag, e.g. us-central1-docker.pkg.dev/PROJECT/REPO/NAME.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "TensorFlow build in the image (Dockerfile ACCELERATOR).",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("builder", "docker", ("docker", "cloud_build"),
                   "docker: `docker build` and `docker push` on this machine. cloud_build: `gcloud builds submit` "
-                  "builds and pushes on Google Cloud Build (no local Docker needed).")
+                  "builds and pushes on Google Cloud Build (no local Docker needed).", flag_values=FLAGS)
 flags.DEFINE_string("project", os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT"),
-                    "Google Cloud project for --builder=cloud_build. Default: $GOOGLE_CLOUD_PROJECT.")
-flags.DEFINE_string("context", ".", "The repository checkout to build (it holds the Dockerfile).")
-flags.DEFINE_bool("allow_dirty", False, "Build a working tree with uncommitted changes, tagged <commit>-dirty-*.")
-flags.DEFINE_bool("dry_run", False, "Print the image reference and the commands, and run nothing but git.")
-FLAGS = flags.FLAGS
+                    "Google Cloud project for --builder=cloud_build. Default: $GOOGLE_CLOUD_PROJECT.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("context", ".", "The repository checkout to build (it holds the Dockerfile).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("allow_dirty", False, "Build a working tree with uncommitted changes, tagged <commit>-dirty-*.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print the image reference and the commands, and run nothing but git.",
+                  flag_values=FLAGS)
 
 CLOUD_BUILD_CONFIG = pathlib.Path(__file__).with_name("cloudbuild.yaml")
 
@@ -144,4 +150,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
+    cli.start(main, FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

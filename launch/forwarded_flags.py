@@ -8,6 +8,7 @@ from absl import flags
 from trainer import cli
 from trainer import config as config_lib
 from trainer import image_folder
+from trainer import serve_settings
 from trainer.errors import UsageError
 
 # A weights file is read where the trainer runs (inside the image); on this machine it need not exist.
@@ -49,20 +50,17 @@ def _without_container_file(argument: str) -> str:
 
 
 def check_serve_flags(arguments: list[str]) -> None:
-    """Parses `arguments` as trainer.serve would and checks its settings, without loading any model.
-
-    trainer.serve imports TensorFlow, which takes seconds, so it is imported only when there are flags to check."""
+    """Parses `arguments` as trainer.serve would, in a registry of their own, and checks its settings without
+    loading any model (trainer.serve_settings needs no TensorFlow)."""
     if not arguments:
-        return
-    from trainer import serve
-
+        return  # The server's defaults pass its checks.
+    registry = serve_settings.define_flags(cli.flag_registry())
     try:
-        serve.FLAGS.unparse_flags()
-        serve.FLAGS(["trainer.serve", "--model_dir=gs://launcher-check/run", *arguments])
+        registry(["trainer.serve", "--model_dir=gs://launcher-check/run", *arguments])
     except flags.Error as error:
         raise UsageError(f"trainer.serve flags after --: {error}") from error
     try:
-        serve.settings_from_flags()
+        serve_settings.settings_from_flags(registry)
     except UsageError as error:
         raise UsageError(f"trainer.serve flags after --: {error}") from error
 

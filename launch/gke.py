@@ -42,44 +42,55 @@ SHARED_MEMORY = "dshm"
 # The Job controller's label on its pods: the Job's uid.
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
-flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.")
+FLAGS = cli.flag_registry()
+flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, "Name of the Job and its Service, and of its output folder. Default: "
-                    "cifar-<time>.")
-flags.DEFINE_string("namespace", "default", "Kubernetes namespace.")
-flags.DEFINE_string("context", None, "kubectl context (cluster). Default: kubectl's current context.")
-flags.DEFINE_string("output_dir", None, "gs:// folder; the job writes to OUTPUT_DIR/JOB_NAME.")
-flags.DEFINE_integer("workers", 1, "Pods; more than one trains with multi_worker_mirrored.")
-flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "What each pod trains on.")
-flags.DEFINE_integer("gpus", 1, "GPUs per pod (nvidia.com/gpu).")
+                    "cifar-<time>.", flag_values=FLAGS)
+flags.DEFINE_string("namespace", "default", "Kubernetes namespace.", flag_values=FLAGS)
+flags.DEFINE_string("context", None, "kubectl context (cluster). Default: kubectl's current context.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "gs:// folder; the job writes to OUTPUT_DIR/JOB_NAME.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("workers", 1, "Pods; more than one trains with multi_worker_mirrored.",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("accelerator", "gpu", cloud.ACCELERATORS, "What each pod trains on.", flag_values=FLAGS)
+flags.DEFINE_integer("gpus", 1, "GPUs per pod (nvidia.com/gpu).", flag_values=FLAGS)
 flags.DEFINE_string("gpu_type", "nvidia-tesla-t4", "GKE GPU node label cloud.google.com/gke-accelerator, e.g. "
-                    "nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100.")
-flags.DEFINE_string("tpu_type", "tpu-v5-lite-podslice", "GKE TPU node label cloud.google.com/gke-tpu-accelerator.")
-flags.DEFINE_string("tpu_topology", "2x4", "GKE TPU node label cloud.google.com/gke-tpu-topology (one host).")
-flags.DEFINE_integer("tpu_chips", 8, "TPU chips per pod (google.com/tpu); the whole single-host slice.")
-flags.DEFINE_string("cpu", None, "CPU request per pod, e.g. 8 or 7500m.")
-flags.DEFINE_string("memory", None, "Memory request per pod, e.g. 32Gi.")
-flags.DEFINE_integer("port", 2222, "Port the workers talk to each other on.")
+                    "nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100.", flag_values=FLAGS)
+flags.DEFINE_string("tpu_type", "tpu-v5-lite-podslice", "GKE TPU node label cloud.google.com/gke-tpu-accelerator.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tpu_topology", "2x4", "GKE TPU node label cloud.google.com/gke-tpu-topology (one host).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("tpu_chips", 8, "TPU chips per pod (google.com/tpu); the whole single-host slice.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("cpu", None, "CPU request per pod, e.g. 8 or 7500m.", flag_values=FLAGS)
+flags.DEFINE_string("memory", None, "Memory request per pod, e.g. 32Gi.", flag_values=FLAGS)
+flags.DEFINE_integer("port", 2222, "Port the workers talk to each other on.", flag_values=FLAGS)
 flags.DEFINE_integer("restarts", 3, "JobSet: restarts of the whole job, preemptions aside, before it fails. Job: "
                      "failed attempts per pod, preemptions aside, before the Job fails "
-                     "(backoffLimit = restarts x workers: one worker's failure stops all of them).")
+                     "(backoffLimit = restarts x workers: one worker's failure stops all of them).",
+                     flag_values=FLAGS)
 flags.DEFINE_float("timeout_hours", 0, "Stop the whole run this many hours after submission, restarts included; "
-                   "0: no limit (README.md, \"Run on GKE\").")
+                   "0: no limit (README.md, \"Run on GKE\").", flag_values=FLAGS)
 flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true, and its taint "
-                  "tolerated).")
+                  "tolerated).", flag_values=FLAGS)
 flags.DEFINE_enum("api", "jobset", ("jobset", "job"), "jobset: a JobSet, whose pods restart together and which owns "
                   "its Service (needs the JobSet controller); job: an Indexed Job and a headless Service that outlives "
-                  "it (delete it with kubectl delete service JOB_NAME).")
+                  "it (delete it with kubectl delete service JOB_NAME).", flag_values=FLAGS)
 flags.DEFINE_float("ttl_hours", 24, "Delete the finished JobSet or Job (with its pods and logs) this many hours after "
-                   "it ends (ttlSecondsAfterFinished).")
+                   "it ends (ttlSecondsAfterFinished).", flag_values=FLAGS)
 flags.DEFINE_integer("grace_seconds", 300, "terminationGracePeriodSeconds of the pods: how long a drained or "
-                     "preempted pod may take to save its checkpoint and upload it before it is killed.")
+                     "preempted pod may take to save its checkpoint and upload it before it is killed.",
+                     flag_values=FLAGS)
 flags.DEFINE_string("queue", None, "Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name); Kueue then "
-                    "admits the job when its quota allows.")
+                    "admits the job when its quota allows.", flag_values=FLAGS)
 flags.DEFINE_string("service_account", None, "Kubernetes service account of the pods, e.g. one bound to a Google "
-                    "service account that may write to the bucket (Workload Identity).")
-flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.")
-flags.DEFINE_bool("dry_run", False, "Print the manifests (JSON) and the kubectl command, and call nothing.")
-FLAGS = flags.FLAGS
+                    "service account that may write to the bucket (Workload Identity).", flag_values=FLAGS)
+flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print the manifests (JSON) and the kubectl command, and call nothing.",
+                  flag_values=FLAGS)
 
 QUANTITY = (r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?", "a Kubernetes quantity such as 8, 7500m or 32Gi")
 
@@ -306,4 +317,4 @@ if __name__ == "__main__":
     if cli.take_subcommand(gke_serve.SUBCOMMAND):
         gke_serve.start()
     else:
-        cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
+        cli.start(main, FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

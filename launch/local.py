@@ -25,16 +25,18 @@ from launch import forwarded_flags
 from trainer import cli
 from trainer.errors import UsageError
 
-flags.DEFINE_integer("workers", 2, "Number of worker processes.")
-flags.DEFINE_integer("restarts", 0, "Restart the whole cluster after a failure up to this many times.")
+FLAGS = cli.flag_registry()
+flags.DEFINE_integer("workers", 2, "Number of worker processes.", flag_values=FLAGS)
+flags.DEFINE_integer("restarts", 0, "Restart the whole cluster after a failure up to this many times.",
+                     flag_values=FLAGS)
 flags.DEFINE_enum(
     "cluster_env", "tf_config", ("tf_config", "cluster_spec"),
     "How workers learn the cluster: TF_CONFIG (Kubernetes, Kubeflow), or CLUSTER_SPEC as Vertex AI sets it "
-    "(worker pool 0 is the chief, pool 1 the other workers).")
+    "(worker pool 0 is the chief, pool 1 the other workers).", flag_values=FLAGS)
 flags.DEFINE_float(
     "grace_seconds", 90.0,
-    "After one worker fails, how long the others may take to stop on their own before they are killed.")
-FLAGS = flags.FLAGS
+    "After one worker fails, how long the others may take to stop on their own before they are killed.",
+                   flag_values=FLAGS)
 
 
 def free_ports(count: int) -> list[int]:

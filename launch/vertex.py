@@ -64,34 +64,44 @@ DEFAULT_MACHINE_TYPES = {
 # DiskSpec takes "hyperdisk-balanced" there and pd-ssd elsewhere.
 HYPERDISK_ONLY_FAMILIES = ("a3-ultragpu", "a4-", "a4x-")
 
+FLAGS = cli.flag_registry()
 flags.DEFINE_string("project", os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT"),
-                    "Google Cloud project. Default: $GOOGLE_CLOUD_PROJECT.")
-flags.DEFINE_string("region", "us-central1", "Vertex AI region.")
-flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.")
+                    "Google Cloud project. Default: $GOOGLE_CLOUD_PROJECT.", flag_values=FLAGS)
+flags.DEFINE_string("region", "us-central1", "Vertex AI region.", flag_values=FLAGS)
+flags.DEFINE_string("image", None, "Training image with its tag, as printed by `python -m launch.build`.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, "Display name of the job and name of its output folder. Default: "
-                    "cifar-<topology>-<time>.")
-flags.DEFINE_string("output_dir", None, "gs:// folder; the job writes to OUTPUT_DIR/JOB_NAME.")
-flags.DEFINE_enum("topology", "one_gpu", tuple(TOPOLOGIES), "Machines and accelerators; see the module docstring.")
-flags.DEFINE_enum("gpu_type", "NVIDIA_TESLA_T4", GPU_TYPES, "GPU model.")
-flags.DEFINE_integer("gpus", 1, "GPUs per machine (multi_gpu, multi_worker).")
-flags.DEFINE_integer("machines", 2, "Machines for --topology=multi_worker.")
+                    "cifar-<topology>-<time>.", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "gs:// folder; the job writes to OUTPUT_DIR/JOB_NAME.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("topology", "one_gpu", tuple(TOPOLOGIES), "Machines and accelerators; see the module docstring.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("gpu_type", "NVIDIA_TESLA_T4", GPU_TYPES, "GPU model.", flag_values=FLAGS)
+flags.DEFINE_integer("gpus", 1, "GPUs per machine (multi_gpu, multi_worker).", flag_values=FLAGS)
+flags.DEFINE_integer("machines", 2, "Machines for --topology=multi_worker.", flag_values=FLAGS)
 flags.DEFINE_string("machine_type", None, "Compute Engine machine type. Default: one that takes --gpus of "
                     "--gpu_type (n1 for T4/V100/P100, g2 for L4, a2 for A100, a3 for H100/H200, a4 for B200); "
-                    "cloud-tpu for TPUs.")
+                    "cloud-tpu for TPUs.", flag_values=FLAGS)
 flags.DEFINE_enum("tpu_type", TPU_TYPES[0], TPU_TYPES, "TPU generation for --topology=tpu: TPU_V5_LITEPOD (v5e, "
-                  "the newest Vertex AI training offers), or TPU_V3/TPU_V2 (a v3-8 or v2-8 VM).")
+                  "the newest Vertex AI training offers), or TPU_V3/TPU_V2 (a v3-8 or v2-8 VM).",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("tpu_topology", "2x4", tuple(TPU_V5E_MACHINE_TYPES), "TPU v5e chips of the one host: 1x1, 2x2 "
-                  "(4 chips) or 2x4 (8 chips).")
-flags.DEFINE_integer("boot_disk_gb", 100, "Boot disk per machine (the GPU image alone takes about 10 GB).")
-flags.DEFINE_bool("spot", False, "Run on Spot VMs: cheaper, can be preempted; the job restarts and resumes.")
-flags.DEFINE_float("timeout_hours", 0, "Stop the job after this many hours; 0 keeps Vertex AI's limit (7 days).")
-flags.DEFINE_string("service_account", None, "Service account the job runs as (needed for --tensorboard).")
+                  "(4 chips) or 2x4 (8 chips).", flag_values=FLAGS)
+flags.DEFINE_integer("boot_disk_gb", 100, "Boot disk per machine (the GPU image alone takes about 10 GB).",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("spot", False, "Run on Spot VMs: cheaper, can be preempted; the job restarts and resumes.",
+                  flag_values=FLAGS)
+flags.DEFINE_float("timeout_hours", 0, "Stop the job after this many hours; 0 keeps Vertex AI's limit (7 days).",
+                   flag_values=FLAGS)
+flags.DEFINE_string("service_account", None, "Service account the job runs as (needed for --tensorboard).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("tensorboard", None, "Vertex AI TensorBoard instance to stream the logs to: "
-                    "projects/PROJECT/locations/REGION/tensorboards/ID.")
-flags.DEFINE_list("labels", [], "Extra job labels, KEY=VALUE,...")
-flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.")
-flags.DEFINE_bool("dry_run", False, "Print the CustomJob request and the gcloud command, and call nothing.")
-FLAGS = flags.FLAGS
+                    "projects/PROJECT/locations/REGION/tensorboards/ID.", flag_values=FLAGS)
+flags.DEFINE_list("labels", [], "Extra job labels, KEY=VALUE,...", flag_values=FLAGS)
+flags.DEFINE_multi_string("env", [], "Environment variable for the trainer, NAME=VALUE; repeat for several.",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print the CustomJob request and the gcloud command, and call nothing.",
+                  flag_values=FLAGS)
 
 
 def machine_spec(topology: str, gpu_type: str, gpus: int, machine_type: str | None, tpu_type: str,
@@ -238,6 +248,6 @@ if __name__ == "__main__":
     if cli.take_subcommand(vertex_deploy.SUBCOMMAND):
         vertex_deploy.start()
     elif cli.take_subcommand(vertex_tune.SUBCOMMAND):
-        vertex_tune.start(custom_job_request)
+        vertex_tune.start(FLAGS, custom_job_request)
     else:
-        cli.start(main, flags.FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")
+        cli.start(main, FLAGS, __doc__, unknown_flag_hint=" (trainer flags go after --)")

@@ -80,9 +80,8 @@ def parameter_spec(text: str) -> dict:
                                ) from error
 
 
-def tuning_job(custom_job: dict, parameters: list[dict]) -> dict:
+def tuning_job(options: flags.FlagValues, custom_job: dict, parameters: list[dict]) -> dict:
     """The body of projects.locations.hyperparameterTuningJobs.create around the trials' CustomJob."""
-    options = flags.FLAGS
     goal = (options.goal or GOALS[options.metric]).upper()
     study = {"metrics": [{"metricId": options.metric, "goal": goal}], "parameters": parameters}
     if ALGORITHMS[options.algorithm]:
@@ -95,8 +94,7 @@ def tuning_job(custom_job: dict, parameters: list[dict]) -> dict:
     return body
 
 
-def check_flags(trainer_args: list[str]) -> list[dict]:
-    options = flags.FLAGS
+def check_flags(options: flags.FlagValues, trainer_args: list[str]) -> list[dict]:
     cloud.require(bool(options.parameter), "tune needs at least one --parameter=NAME:TYPE:VALUES.")
     parameters = [parameter_spec(text) for text in options.parameter]
     names = [parameter["parameterId"] for parameter in parameters]
@@ -130,8 +128,7 @@ def tried_values(parameter: dict) -> list[str]:
     return [str(spec["minValue"]), str(spec["maxValue"])]
 
 
-def submit_command(body: dict) -> cloud.Command:
-    options = flags.FLAGS
+def submit_command(options: flags.FlagValues, body: dict) -> cloud.Command:
     labels = ",".join(f"{key}={value}" for key, value in body["labels"].items())
     argv = ("gcloud", "ai", "hp-tuning-jobs", "create", f"--project={options.project}", f"--region={options.region}",
             f"--display-name={body['displayName']}", f"--labels={labels}",
@@ -143,26 +140,28 @@ def submit_command(body: dict) -> cloud.Command:
                          config_file_description="the request's studySpec and trialJobSpec, printed above")
 
 
-def main(argv: list[str], custom_job_request) -> None:
-    """`custom_job_request(argv)` is launch.vertex's CustomJob for the same flags (checked there)."""
+def main(argv: list[str], options: flags.FlagValues, custom_job_request) -> None:
+    """`options` is launch.vertex's registry with the tuning flags added; `custom_job_request(argv)` is
+    launch.vertex's CustomJob for the same flags (checked there)."""
     custom_job = custom_job_request(argv)
-    body = tuning_job(custom_job, check_flags(argv[1:]))
-    command = submit_command(body)
-    if flags.FLAGS.dry_run:
+    body = tuning_job(options, custom_job, check_flags(options, argv[1:]))
+    command = submit_command(options, body)
+    if options.dry_run:
         cloud.print_dry_run(body, [command])
         return
     cloud.require_gcloud_credentials()
     name = cloud.run(command, capture=True).strip()
     logging.info("Submitted %s (%s trials). Follow it: gcloud ai hp-tuning-jobs describe %s --region=%s", name,
-                 body["maxTrialCount"], name, flags.FLAGS.region)
+                 body["maxTrialCount"], name, options.region)
     print(name)
 
 
 
-def start(custom_job_request) -> None:
-    """Runs `python -m launch.vertex tune ...` (the word already taken out by cli.take_subcommand)."""
-    define_flags(flags.FLAGS)
+def start(vertex_flags: flags.FlagValues, custom_job_request) -> None:
+    """Runs `python -m launch.vertex tune ...` (the word already taken out by cli.take_subcommand): each trial is
+    the CustomJob of launch.vertex's flags, so the tuning flags join launch.vertex's registry."""
+    define_flags(vertex_flags)
     default_name = f"cifar-tune-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    flags.FLAGS.set_default("job_name", default_name)
-    cli.start(lambda argv: main(argv, custom_job_request), flags.FLAGS, __doc__,
+    vertex_flags.set_default("job_name", default_name)
+    cli.start(lambda argv: main(argv, vertex_flags, custom_job_request), vertex_flags, __doc__,
               unknown_flag_hint=" (trainer flags go after --)")

@@ -45,7 +45,7 @@ def test_a_bad_server_flag_is_one_line(launcher):
 
 
 def test_a_server_flag_value_is_checked_by_the_servers_rules():
-    with pytest.raises(UsageError, match="--max_batch_size=0 must be at least 1"):
+    with pytest.raises(UsageError, match="--max_batch_size=0 must be from 1 to 4096"):
         forwarded_flags.check_serve_flags(["--max_batch_size=0"])
     forwarded_flags.check_serve_flags(["--max_batch_size=8", "--batch_timeout_ms=5"])
 

@@ -1,9 +1,9 @@
-"""The code's shape: no import cycles, no flags defined on import, and a code map that names every module."""
+"""The code's shape: no import cycles, no flags defined on import, a flag registry per entry point, and a code map
+that names every module."""
 
 import ast
 import importlib
 import pathlib
-import pkgutil
 
 from helpers import ROOT
 
@@ -61,14 +61,63 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_importing_every_trainer_module_defines_no_flags():
+# Modules that the layout tests do not import: they run in another environment, without absl.
+NOT_IMPORTED = {"benchmarks.parity_reference": "runs in the parity harness's torch environment (argparse, no absl)"}
+# Entry points that add their flags to another's registry instead of making one, and why.
+SHARED_REGISTRIES = {"launch.vertex_tune": "`launch.vertex tune`: each trial is launch.vertex's CustomJob, so its "
+                     "flags join launch.vertex's registry"}
+
+
+def own_modules() -> list[str]:
+    """Every module of trainer/, launch/ and benchmarks/ (as the benchmarks package, which they import as)."""
+    return [f"{package}.{file.stem}" for package in (*PACKAGES, "benchmarks")
+            for file in sorted((ROOT / package).glob("*.py")) if file.stem != "__init__"]
+
+
+def entry_points() -> list[str]:
+    """The modules that parse a command line: they start through cli.start or absl's app.run."""
+    return [module for module in own_modules() if module not in NOT_IMPORTED and any(
+        call in (ROOT / f"{module.replace('.', '/')}.py").read_text() for call in ("cli.start(", "app.run("))
+        and module != "trainer.cli"]
+
+
+def test_importing_any_module_defines_no_flags_on_the_global_registry():
+    """Each import is compared with the registry before it, in this process, as entry points and tests import them."""
     from absl import flags
 
-    import trainer
+    for module in own_modules():
+        if module in NOT_IMPORTED:
+            assert "absl" not in (ROOT / f"{module.replace('.', '/')}.py").read_text(), module
+            continue
+        before = set(flags.FLAGS)
+        importlib.import_module(module)
+        # Libraries may define theirs (TFDS does); only ours are counted.
+        added = {name for name in set(flags.FLAGS) - before
+                 if flags.FLAGS.find_module_defining_flag(name).startswith((*PACKAGES, "benchmarks"))}
+        assert not added, f"importing {module} defined {sorted(added)} on absl's global registry"
 
-    for module in pkgutil.iter_modules(trainer.__path__):
-        importlib.import_module(f"trainer.{module.name}")
-    assert [name for name in flags.FLAGS.flags_by_module_dict() if name.startswith("trainer")] == []
+
+def test_every_entry_point_makes_its_flags_in_a_registry_of_its_own():
+    from absl import flags
+
+    registries = {}
+    for module_name in entry_points():
+        if module_name in SHARED_REGISTRIES:
+            continue
+        module = importlib.import_module(module_name)
+        registry = getattr(module, "FLAGS", None)
+        assert isinstance(registry, flags.FlagValues) and registry is not flags.FLAGS, \
+            f"{module_name} must make its flags in its own registry: FLAGS = cli.flag_registry()"
+        assert id(registry) not in registries, f"{module_name} shares {registries.get(id(registry))}'s registry"
+        registries[id(registry)] = module_name
+    assert {"trainer.task", "launch.vertex", "launch.vertex_deploy", "launch.gke_serve",
+            "benchmarks.run"} <= set(registries.values())
+
+
+def test_the_shared_registries_are_still_shared():
+    """Drop an entry of SHARED_REGISTRIES once its module makes a registry of its own."""
+    for module_name in SHARED_REGISTRIES:
+        assert not hasattr(importlib.import_module(module_name), "FLAGS"), module_name
 
 
 def test_the_package_docstring_maps_every_module():

@@ -49,6 +49,7 @@ Afterwards, the results tools and the prediction server:
   predict.py         python -m trainer.predict: classify image files
   compare.py         python -m trainer.compare: runs side by side
   serve.py           python -m trainer.serve: the web page and prediction API
+  serve_settings.py  trainer.serve's flags and their checks, without TensorFlow (the launchers check them too)
   server.py          the server's web application (FastAPI): page, predict, health, metrics routes
   http_connections.py  the server's connections: head and body deadlines, the connection cap that evicts the slowest
   inflight_requests.py the server's request bodies in flight (memory cap) and its SIGTERM grace with JSON 503s

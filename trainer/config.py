@@ -271,24 +271,36 @@ def _value_type(field: dataclasses.Field) -> type:
 def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
     """Defines one absl flag per option in `flag_values` (the entry point's registry) and returns it."""
     for field in OPTIONS:
-        help_text = field.metadata["help"]
-        if field.metadata["default_text"]:
-            help_text += f" Default: {field.metadata['default_text']}."
-        if field.name == "recipe":
-            help_text += " " + recipes.describe()
-        kind = _value_type(field)
-        default = None if kind is tuple else field.default
-        arguments = dict(name=field.name, default=default, help=help_text, flag_values=flag_values,
-                         module_name=__name__)
-        if field.metadata["choices"]:
-            flags.DEFINE_enum(enum_values=field.metadata["choices"], **arguments)
-        elif kind is tuple:
-            flags.DEFINE_list(**arguments)
-        else:
-            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-                      str: flags.DEFINE_string}[kind]
-            define(**arguments)
+        _define_flag(field, flag_values, field.default, field.metadata["default_text"])
     return flag_values
+
+
+def define_option_flag(name: str, flag_values: flags.FlagValues, default, default_text: str | None = None,
+                       note: str = "") -> None:
+    """Defines option `name`'s flag in another tool's registry (trainer.evaluate's), with that tool's default and
+    its declared help, so the two cannot drift; check its value with `check_option`."""
+    field = next(field for field in OPTIONS if field.name == name)
+    _define_flag(field, flag_values, default, default_text, note)
+
+
+def _define_flag(field: dataclasses.Field, flag_values: flags.FlagValues, default, default_text: str | None,
+                 note: str = "") -> None:
+    help_text = field.metadata["help"] + (f" {note}" if note else "")
+    if default_text:
+        help_text += f" Default: {default_text}."
+    if field.name == "recipe":
+        help_text += " " + recipes.describe()
+    kind = _value_type(field)
+    arguments = dict(name=field.name, default=None if kind is tuple else default, help=help_text,
+                     flag_values=flag_values, module_name=__name__)
+    if field.metadata["choices"]:
+        flags.DEFINE_enum(enum_values=field.metadata["choices"], **arguments)
+    elif kind is tuple:
+        flags.DEFINE_list(**arguments)
+    else:
+        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                  str: flags.DEFINE_string}[kind]
+        define(**arguments)
 
 
 def config_from_flags(flag_values: flags.FlagValues) -> Config:
@@ -383,14 +395,7 @@ def validate(config: Config) -> None:
     """Rejects values no run could use, naming the flag and what is allowed: each option's own rule, then the
     rules that tie options together."""
     for field in OPTIONS:
-        value, choices, rule = getattr(config, field.name), field.metadata["choices"], field.metadata["rule"]
-        if choices and value is not None:
-            _require(value in choices, f"--{field.name}={value} is unknown; choose one of {', '.join(choices)}.")
-        if isinstance(value, float):
-            _require(math.isfinite(value), f"--{field.name}={value} must be a finite number.")
-        if rule is not None and value is not None:
-            test, requirement = rule
-            _require(test(value), f"--{field.name}={value} {requirement}.")
+        _check_value(field, getattr(config, field.name))
     _require(config.tta or not config.tta_translate, f"--tta_translate={config.tta_translate} needs --tta.")
     _require(config.random_flip or not config.alternating_flip, "--alternating_flip needs --random_flip.")
     _require(not (config.alternating_flip and config.augment_views),
@@ -398,6 +403,22 @@ def validate(config: Config) -> None:
     _validate_feature_cache(config)
     _validate_model_options(config)
     _validate_weights(config)
+
+
+def check_option(name: str, value) -> None:
+    """Option `name`'s own rule on a value given to another tool (see `define_option_flag`)."""
+    _check_value(next(field for field in OPTIONS if field.name == name), value)
+
+
+def _check_value(field: dataclasses.Field, value) -> None:
+    choices, rule = field.metadata["choices"], field.metadata["rule"]
+    if choices and value is not None:
+        _require(value in choices, f"--{field.name}={value} is unknown; choose one of {', '.join(choices)}.")
+    if isinstance(value, float):
+        _require(math.isfinite(value), f"--{field.name}={value} must be a finite number.")
+    if rule is not None and value is not None:
+        test, requirement = rule
+        _require(test(value), f"--{field.name}={value} {requirement}.")
 
 
 def _validate_model_options(config: Config) -> None:

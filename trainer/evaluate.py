@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import data
 from trainer import progress
 from trainer import reports
@@ -215,13 +216,13 @@ flags.DEFINE_string("model_dir", None, "Directory of a finished run of trainer.t
                     flag_values=FLAGS)
 flags.DEFINE_string("split", None, "TFDS split to evaluate, e.g. test or 'test[:1000]'. Default: the run's "
                     "--eval_split.", flag_values=FLAGS)
-flags.DEFINE_string("dataset", None, "TFDS dataset. Default: the run's.", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "TFDS data directory. Default: the run's --data_dir, else TFDS's own or "
-                    "$TFDS_DATA_DIR.", flag_values=FLAGS)
-flags.DEFINE_bool("tta", False, "Flip test-time augmentation: average the probabilities of each image and its "
-                  "mirror image. A run trained with --tta has its own TTA in the model, which is used with or "
-                  "without this flag.", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", 256, "Images per prediction batch.", flag_values=FLAGS)
+# The options a run also has are declared once, in Config: their help and checks, with evaluate's defaults.
+config_lib.define_option_flag("dataset", FLAGS, None, "the run's")
+config_lib.define_option_flag("data_dir", FLAGS, None, "the run's --data_dir, else TFDS's own or $TFDS_DATA_DIR")
+config_lib.define_option_flag("tta", FLAGS, False, note="A run trained with --tta has its own TTA in the "
+                              "model, which is used with or without this flag.")
+# Larger than training's: a prediction batch holds no gradients.
+config_lib.define_option_flag("batch_size", FLAGS, 256)
 
 
 def main(argv: list[str]) -> None:
@@ -229,8 +230,7 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
     if not FLAGS.model_dir:
         raise UsageError("--model_dir is required: the directory of a finished run of trainer.task.")
-    if FLAGS.batch_size < 1:
-        raise UsageError(f"--batch_size={FLAGS.batch_size} must be a positive integer.")
+    config_lib.check_option("batch_size", FLAGS.batch_size)
     run_dir, results = measure_run(FLAGS.model_dir, split=FLAGS.split, dataset=FLAGS.dataset,
                                    data_dir=FLAGS.data_dir, tta=FLAGS.tta, batch_size=FLAGS.batch_size)
     # The report first: results that cannot be written are still on the screen.

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import re
 import time
 
 from absl import logging
@@ -12,12 +11,12 @@ import tensorflow as tf
 
 from trainer import gcs
 from trainer import runs
+from trainer import serve_settings
 from trainer import storage
 from trainer.errors import UsageError
 
 EXPORT_DIR = "export"
-# Model names go into URL paths (/v1/models/NAME:predict), so they keep to characters that need no escaping.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MODEL_NAME = serve_settings.MODEL_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +68,6 @@ def _check_export(run_dir: str, model_dir: str) -> str:
     return export_dir
 
 
-def check_name(name: str) -> str:
-    if not MODEL_NAME.fullmatch(name):
-        raise UsageError(f"--model_name={name!r} is not valid: use 1 to 63 letters, digits, '.', '_' and '-', "
-                         "starting with a letter or digit (it goes into the URL /v1/models/NAME:predict).")
-    return name
-
-
 def load(model_dir: str, name: str | None, warm_up_batch_sizes: tuple[int, ...] = (1,)) -> ServedModel:
     """Loads the run's export (downloading a gs:// run first) and runs it once per batch size, so that no request
     pays for building the computation of its batch size.
@@ -86,7 +78,7 @@ def load(model_dir: str, name: str | None, warm_up_batch_sizes: tuple[int, ...] 
     run_dir = runs.local_run_dir(model_dir)
     _check_export(run_dir, model_dir)
     classifier = runs.load_classifier(run_dir)
-    name = name or check_name(str(runs.read_run_config(run_dir).get("model") or "model"))
+    name = name or serve_settings.check_model_name(str(runs.read_run_config(run_dir).get("model") or "model"))
     model = ServedModel(name, classifier, describe(run_dir, model_dir, name, classifier))
     for batch_size in warm_up_batch_sizes:
         model.probabilities(np.zeros((batch_size, *classifier.image_shape), np.uint8))
