@@ -15,6 +15,7 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   image_folder.py    --dataset=PATH: a folder of labelled images, its layouts, classes, held-out split, fingerprint
   folder_sources.py  a folder's files listed and read, local or gs://
   folder_dataset.py  a folder prepared once into TFDS shards in --data_dir, and its summary of skipped files
+  folder_workers.py  several workers on one folder: the chief prepares it, the others wait for its word
   image_files.py     image files read as the models see them (predict, the server, folder datasets)
   display_text.py    names (paths, classes) shown on a terminal as text that cannot act on it
   model_specs.py     one ModelSpec per network (TensorFlow-free): defaults, options, builder, hooks
