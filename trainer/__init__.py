@@ -8,7 +8,9 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   recipes.py         named groups of option values (--recipe)
   distribution.py    the tf.distribute strategy, devices, cluster environment, precision, XLA
   accelerators.py    --accelerator: no silent CPU fallback, the one-line diagnosis, the start-up device log
-  storage.py         the run directory: layout, safe writes, resume checks
+  run_directory.py   RunDirectory: a run's start-up in order (open, check, lock, restore, prepare, check the
+                     resume), config.json, and the clean-up of a run that fails before writing anything
+  storage.py         the run directory's layout, safe writes, and its checks before a run writes
   gcs.py             gs:// run directories, mirrored from a local working copy
   run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches

@@ -25,14 +25,13 @@ from trainer import models
 from trainer import optimization
 from trainer import progress
 from trainer import reports
-from trainer import run_lock
 from trainer import storage
 from trainer import summaries
 from trainer.config import Config
 from trainer.errors import ClusterError
-from trainer.errors import Preempted
 from trainer.errors import UsageError
 from trainer.errors import one_line
+from trainer.run_directory import RunDirectory
 from trainer.steps import Phase
 from trainer.steps import Steps
 from trainer.steps import check_batch_size
@@ -48,73 +47,30 @@ def run(config: Config) -> dict:
     strategy = accelerators.create_strategy(config)
     check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     chief = distribution.is_chief(strategy)
-    paths, mirror = storage.open_run(config.model_dir, distribution.task_id(strategy),
-                                     retry_seconds=config.storage_retry_seconds)
-    with contextlib.ExitStack() as lock:
-        if mirror is not None:
-            mirror.preflight(write=chief)
-        storage.check_model_dir_is_a_run(config.model_dir, paths, mirror)
-        if mirror is not None:
-            # Before the restore, which empties the local working directory another launch may be using.
-            lock.enter_context(_run_lock(config, paths, mirror, chief))
-            mirror.restore()
-        created_directories = storage.prepare_model_dir(paths)
-        try:
-            if mirror is None:
-                lock.enter_context(_run_lock(config, paths, None, chief))
-            return _train(config, strategy, paths, mirror, started)
-        except BaseException:
-            # A run that fails before writing anything (say, ImageNet weights cannot be downloaded)
-            # leaves model_dir as it found it, not with empty folders that look like a run.
-            lock.close()  # Its lock file first: it may be all the folder holds.
-            storage.remove_if_empty(created_directories)
-            raise
+    with RunDirectory(config, distribution.task_id(strategy), chief) as run_directory:
+        paths = run_directory.paths
+        precision = distribution.resolve_precision(config, strategy)
+        accelerators.log_devices(strategy, precision, distribution.resolve_jit_compile(config.jit_compile, strategy))
+        with op_errors_name_their_cause(config, strategy), distribution.dtype_policy(precision):
+            check_memory(config)
+            with out_of_memory_names_the_flags(config, "building the model"):
+                steps = build_steps(config, strategy, precision, fresh=not run_directory.resuming)
+            run_directory.write_config()  # After the build: a run that cannot build its model writes nothing.
+            if chief:
+                folder_dataset.write_skipped_files(steps.inputs.builder, paths.model_dir)
+            with run_directory.uploads() as uploader:
+                trainer = Trainer(steps, paths, chief, uploader)
+                with log_upload.live_logs(run_directory.log_mirror, paths.log_dir, trainer.summaries.flush,
+                                          config.log_upload_seconds):
+                    return trainer.run(started)
 
 
 @contextlib.contextmanager
-def _run_lock(config: Config, paths: storage.RunPaths, mirror, chief: bool):
-    """Holds model_dir's run lock while the body runs. The chief takes it for the whole job: the other workers of
-    a multi-worker job write nothing shared, and one lock per worker would make them lock each other out."""
-    if not chief:
-        yield
-        return
-    lock = run_lock.acquire(config.model_dir, paths.model_dir, mirror, config.force_unlock)
+def op_errors_name_their_cause(config: Config, strategy: tf.distribute.Strategy):
+    """A TensorFlow op error becomes the error that names its cause, where one is known: a damaged data shard,
+    or a lost worker of the cluster."""
     try:
         yield
-    finally:
-        lock.release()
-
-
-def _train(config: Config, strategy: tf.distribute.Strategy, paths: storage.RunPaths, mirror, started: float) -> dict:
-    """`run` once model_dir is ready: builds or restores the steps, then runs the loop."""
-    chief = distribution.is_chief(strategy)
-    resuming = storage.check_resume(paths, config)
-    precision = distribution.resolve_precision(config, strategy)
-    accelerators.log_devices(strategy, precision, distribution.resolve_jit_compile(config.jit_compile, strategy))
-    try:
-        with distribution.dtype_policy(precision):
-            check_memory(config)
-            with out_of_memory_names_the_flags(config, "building the model"):
-                steps = build_steps(config, strategy, precision, fresh=not resuming)
-            if chief and not (resuming and os.path.exists(paths.config_file)):
-                storage.write_json(paths.config_file, config.to_dict())
-            if chief:
-                folder_dataset.write_skipped_files(steps.inputs.builder, paths.model_dir)
-            # Only the chief uploads; it does so in the background after every checkpoint, and waits at the end.
-            uploader = gcs.BackgroundUploader(mirror, config.storage_retry_seconds) \
-                if mirror is not None and chief else None
-            try:
-                trainer = Trainer(steps, paths, chief, uploader)
-                with log_upload.live_logs(mirror if chief else None, paths.log_dir, trainer.summaries.flush,
-                                          config.log_upload_seconds):
-                    return trainer.run(started)
-            except Preempted:
-                if uploader is not None:
-                    uploader.finish()  # The preemption checkpoint must reach the bucket before the machine goes.
-                raise
-            finally:
-                if uploader is not None:
-                    uploader.close()
     except tf.errors.OpError as error:
         damaged = data.damaged_shard_error(config.dataset, config.data_dir) \
             if isinstance(error, tf.errors.DataLossError) else None
