@@ -3,6 +3,7 @@ metrics.json, and a minority class's recall rising on an imbalanced folder of CI
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -103,3 +104,32 @@ def test_balanced_weights_raise_the_minority_class_recall(imbalanced_folder, tmp
                                         "weights": {MAJORITY: pytest.approx(0.525), MINORITY: pytest.approx(10.5)}}
     # Measured 0.0 without weights and 0.98 with them; unweighted, the network predicts the majority throughout.
     assert weighted >= plain + 0.5, (plain, weighted)
+
+
+def model_variables(model_dir) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
+
+
+def test_weighted_training_under_mirrored_matches_the_default_strategy(cifar_dir, tmp_path):
+    """Each replica weights its examples and divides by the global batch, so two replicas take the one-device
+    step; weights normalised per replica, or averaged over the weights, would not."""
+    common = dict(dropout=0.0, random_flip=False, brightness=0.0, steps_per_epoch=4, seed=3, optimizer="sgd",
+                  learning_rate=0.05, class_weight="cat:4,ship:0.25,truck:2")
+    default_metrics = train.run(make_config(cifar_dir, tmp_path / "default", strategy="default", **common))
+    metrics = train.run(make_config(cifar_dir, tmp_path / "mirrored", strategy="mirrored", cpu_devices=2, **common))
+    assert metrics["num_replicas"] == 2
+    assert metrics["class_weights"]["weights"]["cat"] == 4.0 and metrics["class_weights"]["weights"]["dog"] == 1.0
+    unweighted = train.run(make_config(cifar_dir, tmp_path / "unweighted", strategy="default",
+                                       **{**common, "class_weight": None}))
+    default, mirrored = model_variables(tmp_path / "default"), model_variables(tmp_path / "mirrored")
+    plain = model_variables(tmp_path / "unweighted")
+    changed = 0
+    for name in default:
+        difference = np.abs(mirrored[name] - default[name]).max()
+        by_the_weights = np.abs(default[name] - plain[name]).max()
+        assert difference <= by_the_weights / 100, (name, difference, by_the_weights)
+        changed += by_the_weights > 0
+    assert changed >= 8
+    assert unweighted["history"][0]["train_loss"] != pytest.approx(default_metrics["history"][0]["train_loss"])
