@@ -57,20 +57,21 @@ def test_none_turns_it_off(tmp_path):
 def test_an_unknown_class_name_is_refused_naming_the_classes(cifar_dir, tmp_path):
     with pytest.raises(UsageError) as error:
         train.run(make_config(cifar_dir, tmp_path / "run", class_weight="cat:2,unicorn:3", steps_per_epoch=1))
-    assert str(error.value).startswith("--class_weight=cat:2,unicorn:3: unicorn is not a class of the dataset; "
-                                       "its classes are airplane, automobile, bird, cat,")
+    assert str(error.value).startswith("--class_weight=cat:2,unicorn:3: unicorn is not a class of the "
+                                       "dataset; its classes are airplane, automobile, bird, cat,")
 
 
 def test_tfds_class_counts_are_counted_from_the_labels(cifar_dir):
     builder = data.load_builder("cifar10", cifar_dir)
     counts = data.class_counts(builder, "train[:1000]", 10)
-    labels = [int(label) for _, label in tfds.as_numpy(builder.as_dataset(split="train[:1000]", as_supervised=True))]
+    examples = builder.as_dataset(split="train[:1000]", as_supervised=True)
+    labels = [int(label) for _, label in tfds.as_numpy(examples)]
     np.testing.assert_array_equal(counts, np.bincount(labels, minlength=10))
 
 
 @pytest.fixture(scope="module")
 def imbalanced_folder(cifar_dir, tmp_path_factory):
-    """ROOT/train/<class> at 20:1 and ROOT/test/<class> balanced, from CIFAR-10's own train and test images."""
+    """ROOT/train/<class> at 20:1 and ROOT/test/<class> balanced, from CIFAR-10's train and test images."""
     root = tmp_path_factory.mktemp("imbalanced") / "pictures"
     for split, counts in (("train", TRAIN_COUNTS), ("test", dict.fromkeys(CIFAR_LABELS, TEST_PER_CLASS))):
         saved = dict.fromkeys(CIFAR_LABELS, 0)
@@ -87,8 +88,8 @@ def imbalanced_folder(cifar_dir, tmp_path_factory):
 
 def minority_recall(folder, data_dir, model_dir, **overrides) -> tuple[float, dict]:
     metrics = train.run(make_config(str(data_dir), model_dir, dataset=str(folder), train_split="train",
-                                    eval_split="test", batch_size=42, epochs=3, learning_rate=3e-3, image_size=32,
-                                    **overrides))
+                                    eval_split="test", batch_size=42, epochs=3, learning_rate=3e-3,
+                                    image_size=32, **overrides))
     results = evaluate.evaluate_run(str(model_dir))
     (entry,) = [entry for entry in results["classes"] if entry["name"] == MINORITY]
     return entry["recall"], metrics
@@ -100,9 +101,9 @@ def test_balanced_weights_raise_the_minority_class_recall(imbalanced_folder, tmp
                                         class_weight="balanced")
     assert plain_metrics["class_weights"] is None
     # From the folder's own counts: 420 / (2 * 400) and 420 / (2 * 20).
-    assert metrics["class_weights"] == {"class_weight": "balanced",
-                                        "weights": {MAJORITY: pytest.approx(0.525), MINORITY: pytest.approx(10.5)}}
-    # Measured 0.0 without weights and 0.98 with them; unweighted, the network predicts the majority throughout.
+    expected = {MAJORITY: pytest.approx(0.525), MINORITY: pytest.approx(10.5)}
+    assert metrics["class_weights"] == {"class_weight": "balanced", "weights": expected}
+    # Measured 0.0 without weights and 0.98 with them: unweighted, the network predicts the majority only.
     assert weighted >= plain + 0.5, (plain, weighted)
 
 
@@ -118,9 +119,11 @@ def test_weighted_training_under_mirrored_matches_the_default_strategy(cifar_dir
     common = dict(dropout=0.0, random_flip=False, brightness=0.0, steps_per_epoch=4, seed=3, optimizer="sgd",
                   learning_rate=0.05, class_weight="cat:4,ship:0.25,truck:2")
     default_metrics = train.run(make_config(cifar_dir, tmp_path / "default", strategy="default", **common))
-    metrics = train.run(make_config(cifar_dir, tmp_path / "mirrored", strategy="mirrored", cpu_devices=2, **common))
+    metrics = train.run(make_config(cifar_dir, tmp_path / "mirrored", strategy="mirrored", cpu_devices=2,
+                                    **common))
     assert metrics["num_replicas"] == 2
-    assert metrics["class_weights"]["weights"]["cat"] == 4.0 and metrics["class_weights"]["weights"]["dog"] == 1.0
+    weights = metrics["class_weights"]["weights"]
+    assert (weights["cat"], weights["dog"]) == (4.0, 1.0)
     unweighted = train.run(make_config(cifar_dir, tmp_path / "unweighted", strategy="default",
                                        **{**common, "class_weight": None}))
     default, mirrored = model_variables(tmp_path / "default"), model_variables(tmp_path / "mirrored")
@@ -132,4 +135,5 @@ def test_weighted_training_under_mirrored_matches_the_default_strategy(cifar_dir
         assert difference <= by_the_weights / 100, (name, difference, by_the_weights)
         changed += by_the_weights > 0
     assert changed >= 8
-    assert unweighted["history"][0]["train_loss"] != pytest.approx(default_metrics["history"][0]["train_loss"])
+    first_losses = [run["history"][0]["train_loss"] for run in (unweighted, default_metrics)]
+    assert first_losses[0] != pytest.approx(first_losses[1])

@@ -1,4 +1,5 @@
-"""trainer.evaluate on a tiny trained run: metrics.json's accuracy, the checkpoint-only path, flip TTA, its outputs."""
+"""trainer.evaluate on a tiny trained run: metrics.json's accuracy, the checkpoint-only path, flip TTA,
+calibration, its outputs."""
 
 import io
 import json
