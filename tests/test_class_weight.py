@@ -7,10 +7,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from helpers import make_config
+from helpers import fails_in_process, make_config, tiny_flags
 from trainer import class_weights
 from trainer import data
 from trainer import evaluate
+from trainer import task
 from trainer import train
 from trainer.errors import UsageError
 
@@ -59,6 +60,16 @@ def test_an_unknown_class_name_is_refused_naming_the_classes(cifar_dir, tmp_path
         train.run(make_config(cifar_dir, tmp_path / "run", class_weight="cat:2,unicorn:3", steps_per_epoch=1))
     assert str(error.value).startswith("--class_weight=cat:2,unicorn:3: unicorn is not a class of the "
                                        "dataset; its classes are airplane, automobile, bird, cat,")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("cat:0", "error: --class_weight=cat:0: the weight of cat must be a positive number, not '0'."),
+    ("cat:2,unicorn:3", "error: --class_weight=cat:2,unicorn:3: unicorn is not a class of the dataset; its classes "
+                        "are airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck."),
+])
+def test_the_command_line_refuses_a_bad_value_in_one_line(cifar_dir, tmp_path, capsys, value, message):
+    argv = tiny_flags(cifar_dir, tmp_path / "run", f"--class_weight={value}", "--steps_per_epoch=1")
+    assert fails_in_process(capsys, task, *argv) == message
 
 
 def test_tfds_class_counts_are_counted_from_the_labels(cifar_dir):
