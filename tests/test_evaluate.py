@@ -1,5 +1,7 @@
-"""trainer.evaluate on a tiny trained run: metrics.json's accuracy, the checkpoint-only path, flip TTA, its outputs."""
+"""trainer.evaluate on a tiny trained run: metrics.json's accuracy, the checkpoint-only path, flip TTA,
+calibration, its outputs."""
 
+import io
 import json
 import shutil
 
@@ -84,6 +86,49 @@ def test_confusion_matrix_and_per_class_metrics_match_the_exports_predictions(tr
     for pair in results["most_confused"]:
         true, predicted = (results["class_names"].index(pair[key]) for key in ("true", "predicted"))
         assert true != predicted and expected[true, predicted] == pair["count"]
+
+
+def test_expected_calibration_error_matches_a_hand_computed_case():
+    # Top-1 confidences 0.95 and 0.95 (both right), 0.55 (wrong) and 0.5 (right): bin (14/15, 1] holds two at
+    # accuracy 1 (gap 0.05 each), (8/15, 9/15] one at accuracy 0 (gap 0.55), (7/15, 8/15] one at accuracy 1 (gap 0.5).
+    probabilities = np.array([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.55, 0.45, 0.0], [0.2, 0.5, 0.3]])
+    labels = np.array([0, 1, 1, 1])
+    results = evaluate.calibration(probabilities, labels)
+    assert results["expected_calibration_error"] == pytest.approx((2 * 0.05 + 0.55 + 0.5) / 4)
+    assert results["calibration_method"] == "15 equal-width bins of the top-1 confidence"
+    filled = {index: entry for index, entry in enumerate(results["reliability"]) if entry["examples"]}
+    assert sorted(filled) == [7, 8, 14]
+    assert (filled[14]["examples"], filled[14]["accuracy"], filled[14]["confidence"]) == (2, 1.0, pytest.approx(0.95))
+    assert (filled[8]["accuracy"], filled[7]["accuracy"]) == (0.0, 1.0)
+    # A confidence on a bin's upper edge belongs to that bin; a perfectly calibrated bin adds nothing.
+    edge = evaluate.calibration(np.array([[2 / 3, 1 / 3], [2 / 3, 1 / 3], [2 / 3, 1 / 3]]), np.array([0, 0, 1]))
+    assert edge["reliability"][9]["examples"] == 3 and edge["expected_calibration_error"] == pytest.approx(0)
+
+
+def test_calibration_is_reported_drawn_and_in_tensorboard(trained_run, capsys):
+    model_dir, metrics = trained_run
+    status, out, _ = run_evaluate(capsys, f"--model_dir={model_dir}")
+    assert status == 0
+    results = json.loads((model_dir / "evaluation.json").read_text())
+    probabilities, labels = export_predictions(model_dir, cifar_dir=metrics["flags"]["data_dir"], split="test[:256]")
+    expected = evaluate.calibration(probabilities, labels)["expected_calibration_error"]
+    assert results["expected_calibration_error"] == pytest.approx(expected, abs=1e-5)
+    assert sum(entry["examples"] for entry in results["reliability"]) == 256 and len(results["reliability"]) == 15
+    assert (f"expected calibration error {results['expected_calibration_error']:.4f} (15 equal-width bins of the "
+            "top-1 confidence)") in out
+    with Image.open(model_dir / "reliability_diagram.png") as image:
+        assert image.format == "PNG" and min(image.size) >= 500
+        image.verify()
+    images = [(event.step, tf.make_ndarray(value.tensor))
+              for path in (model_dir / "logs" / "evaluation").iterdir()
+              for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value
+              if value.tag == "reliability_diagram/test_256"]
+    assert images, "no reliability diagram in logs/evaluation"
+    step, (width, height, png) = images[-1]  # The image plugin's tensor: width, height, encoded images.
+    assert step == metrics["checkpoint_step"]
+    with Image.open(io.BytesIO(png)) as logged, Image.open(model_dir / "reliability_diagram.png") as drawn:
+        assert (int(width), int(height)) == drawn.size
+        np.testing.assert_array_equal(np.asarray(logged), np.asarray(drawn))  # Re-encoded, the same pixels.
 
 
 def test_checkpoint_only_run_gives_the_same_results_as_its_export(tiny_shapes_dir, tmp_path):
@@ -200,7 +245,8 @@ def test_results_that_cannot_be_written_are_printed_then_one_line(trained_run, t
     exit status 1, and the run is left as it was, with no temporary file."""
     model_dir, metrics = trained_run
     run = tmp_path / "run"
-    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("evaluation.json", "confusion_matrix.png"))
+    shutil.copytree(model_dir, run, ignore=shutil.ignore_patterns("evaluation.json", "confusion_matrix.png",
+                                                                 "reliability_diagram.png", "evaluation"))
     (run / "evaluation.json").mkdir()
     before = files_in(run)
     status, out, err = run_evaluate(capsys, f"--model_dir={run}")

@@ -9,6 +9,7 @@ from typing import Callable
 
 from absl import flags
 
+from trainer import class_weights
 from trainer import image_folder
 from trainer import model_specs
 from trainer import recipes
@@ -149,6 +150,11 @@ class Config:
         group="Optimisation", rule=(lambda value: 0 <= value <= 1, "must be in [0, 1]"))
     label_smoothing: float = option(0.0, "Label smoothing of the training loss (0.1 is typical).",
                                     group="Optimisation", rule=(lambda value: 0 <= value < 1, "must be in [0, 1)"))
+    class_weight: str | None = option(
+        None, "Weight each training example's loss by its class: 'balanced' (inversely proportional to the class's "
+        "examples in --train_split, averaging 1 over them, as scikit-learn's) or NAME:WEIGHT pairs such as "
+        "cat:2,dog:0.5 (unnamed classes weigh 1; 'none' turns it off). metrics.json records the weights.",
+        group="Optimisation", default_text="none")
     clip_grad_norm: float = option(
         0.0, "Clip the global gradient norm (over all replicas' summed gradient) to this; 0 turns clipping off.",
         group="Optimisation", rule=OFF_OR_MORE)
@@ -327,6 +333,8 @@ def build_config(**values) -> Config:
     merged.update(values)
     merged["devices"] = tuple(merged["devices"] or ())
     merged["profile_steps"] = _profile_steps(merged["profile_steps"])
+    if merged["class_weight"] in ("", "none"):
+        merged["class_weight"] = None
     merged["tpu"] = merged["tpu"] or os.environ.get("TPU_NAME") or None
     if not merged["accelerator"]:
         merged["accelerator"] = os.environ.get("TRAINER_ACCELERATOR") or "auto"
@@ -400,6 +408,8 @@ def validate(config: Config) -> None:
     _require(config.random_flip or not config.alternating_flip, "--alternating_flip needs --random_flip.")
     _require(not (config.alternating_flip and config.augment_views),
              "--alternating_flip and --augment_views both fix each example's flips; use one of them.")
+    if config.class_weight is not None:
+        class_weights.parse(config.class_weight)  # Its class names are checked once the dataset is loaded.
     _validate_feature_cache(config)
     _validate_model_options(config)
     _validate_weights(config)

@@ -1,7 +1,9 @@
-"""Evaluates a finished run on a TFDS split: overall, top-5 and per-class metrics, and the confusion matrix."""
+"""Evaluates a finished run on a TFDS split: overall, top-5 and per-class metrics, calibration, and the confusion
+matrix."""
 
 import json
 import os
+import re
 
 from absl import flags
 from absl import logging
@@ -15,12 +17,15 @@ from trainer import progress
 from trainer import reports
 from trainer import runs
 from trainer import storage
+from trainer import summaries
 from trainer.errors import Failure
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
 USAGE = """Evaluates a finished run on a TFDS split: accuracy, loss, top-5 accuracy, per-class precision and
-recall, the most confused classes; writes evaluation.json and confusion_matrix.png into the run.
+recall, the most confused classes, the expected calibration error; writes evaluation.json,
+confusion_matrix.png and reliability_diagram.png into the run, and the diagram into TensorBoard
+(logs/evaluation).
 
 Exit status: 0 done; 1 when the results could not be written into the run (the report is printed first);
 2 for bad flags or a directory that is not a run.
@@ -29,6 +34,11 @@ Exit status: 0 done; 1 when the results could not be written into the run (the r
 """
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability_diagram.png"
+# TensorBoard run of evaluate's images: its own directory, since a new event file beside training's would stop
+# TensorBoard reading training's.
+EVALUATION_LOGS = os.path.join("logs", "evaluation")
+CALIBRATION_BINS = 15
 MOST_CONFUSED = 10
 TOP_K_ACCURACY = 5
 # Probabilities are clipped before the log, as Keras does for probability inputs, so one confident
@@ -112,7 +122,29 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dic
                                  "share_of_true": count / int(support[true])} for count, true, guess in pairs]
     summary["confusion_matrix"] = confusion.tolist()
     summary["class_names"] = list(class_names)
+    summary.update(calibration(probabilities, labels))
     return summary
+
+
+def calibration(probabilities: np.ndarray, labels: np.ndarray, num_bins: int = CALIBRATION_BINS) -> dict:
+    """The expected calibration error of the top-1 confidence over `num_bins` equal-width bins of (0, 1], each
+    bin (lower, upper]: the examples' share in each bin times |its accuracy - its mean confidence|, summed."""
+    confidences = probabilities.max(axis=1).astype(np.float64)
+    correct = probabilities.argmax(axis=1) == labels
+    bins = np.clip(np.ceil(confidences * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+    reliability, error = [], 0.0
+    for index in range(num_bins):
+        members = bins == index
+        count = int(members.sum())
+        accuracy = float(correct[members].mean()) if count else None
+        confidence = float(confidences[members].mean()) if count else None
+        if count:
+            error += count / len(labels) * abs(accuracy - confidence)
+        reliability.append({"lower": index / num_bins, "upper": (index + 1) / num_bins, "examples": count,
+                            "accuracy": accuracy, "confidence": confidence})
+    return {"expected_calibration_error": float(error),
+            "calibration_method": f"{num_bins} equal-width bins of the top-1 confidence",
+            "reliability": reliability}
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -168,7 +200,10 @@ def write_results(model_dir: str, run_dir: str, results: dict) -> None:
              f"{f' ({describe_tta(results)})' if results['tta'] else ''}: accuracy {results['accuracy']:.4f}")
     writes = ((EVALUATION_FILE, lambda path: _write_json(path, results)),
               (CONFUSION_PLOT, lambda path: reports.plot_confusion_matrix(path, results["confusion_matrix"],
-                                                                          results["class_names"], title)))
+                                                                          results["class_names"], title)),
+              (RELIABILITY_PLOT, lambda path: reports.plot_reliability_diagram(
+                  path, results["reliability"], results["expected_calibration_error"], title)),
+              (EVALUATION_LOGS, lambda path: _write_reliability_summary(path, run_dir, results)))
     for file_name, write in writes:
         try:
             write(os.path.join(run_dir, file_name))
@@ -176,7 +211,19 @@ def write_results(model_dir: str, run_dir: str, results: dict) -> None:
             raise Failure(f"the results could not be written to {os.path.join(model_dir, file_name)} "
                           f"({error.strerror or one_line(error)}); the report above is complete.") from error
     runs.save_back(model_dir)
-    logging.info("Wrote %s and %s into %s.", EVALUATION_FILE, CONFUSION_PLOT, model_dir)
+    logging.info("Wrote %s, %s and %s into %s, and the reliability diagram into TensorBoard (%s).",
+                 EVALUATION_FILE, CONFUSION_PLOT, RELIABILITY_PLOT, model_dir, EVALUATION_LOGS)
+
+
+def _write_reliability_summary(log_dir: str, run_dir: str, results: dict) -> None:
+    """The reliability diagram as a TensorBoard image at the run's final step, tagged by split."""
+    with open(os.path.join(run_dir, RELIABILITY_PLOT), "rb") as file:
+        png_bytes = file.read()
+    step = (storage.read_json(os.path.join(run_dir, "metrics.json")) or {}).get("checkpoint_step", 0)
+    tag = "reliability_diagram/" + re.sub(r"[^\w.-]+", "_", results["split"]).strip("_")
+    summaries.write_png(log_dir, step, tag, png_bytes,
+                        description=f"ECE {results['expected_calibration_error']:.4f} on {results['dataset']} "
+                        f"{results['split']} ({results['calibration_method']}).")
 
 
 def _write_json(path: str, results: dict) -> None:
@@ -190,7 +237,9 @@ def format_results(results: dict) -> str:
     top5 = f"  top-5 accuracy {results['top5_accuracy']:.4f}" if results["top5_accuracy"] is not None else ""
     lines = [f"{results['dataset']} {results['split']}: {results['num_examples']:,} images"
              f"{f', {describe_tta(results)}' if results['tta'] else ''}  (model: {results['source']})",
-             f"accuracy {results['accuracy']:.4f}  loss {results['loss']:.4f}{top5}", ""]
+             f"accuracy {results['accuracy']:.4f}  loss {results['loss']:.4f}{top5}",
+             f"expected calibration error {results['expected_calibration_error']:.4f} "
+             f"({results['calibration_method']})", ""]
     width = max(len("class"), *(len(entry["name"]) for entry in results["classes"]))
     lines.append(f"{'class':<{width}}  {'examples':>8}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'f1':>6}")
     for entry in results["classes"]:

@@ -45,6 +45,7 @@ def run_metrics(config, steps, state, final: dict, *, fingerprint: str, throughp
         "num_parameters": int(steps.model.count_params()), "precision": steps.precision,
         "strategy": type(steps.strategy).__name__, "num_replicas": steps.num_replicas,
         "flags": config.to_dict(), "weights_fingerprint": fingerprint,
+        "class_weights": steps.loop.class_weights_record,
         # The checkpoint these outputs come from: a rerun compares it with the newest checkpoint.
         "checkpoint_step": int(state.global_step.numpy()),
         "phases": [{"name": phase.name, "epochs": [phase.first_epoch + 1, phase.end_epoch],
@@ -110,6 +111,38 @@ def plot_confusion_matrix(path: str, confusion, class_names, title: str) -> None
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class (examples)")
     axes.set_title(title)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_reliability_diagram(path: str, reliability: list[dict], expected_calibration_error: float,
+                             title: str) -> None:
+    """Accuracy against top-1 confidence per bin, with the diagonal of perfect calibration and each bin's gap to it,
+    over a histogram of how many examples each bin holds."""
+    figure, (accuracy_axes, count_axes) = plt.subplots(2, 1, figsize=(6.5, 7.5), sharex=True,
+                                                       gridspec_kw={"height_ratios": [3, 1]})
+    lowers = np.array([entry["lower"] for entry in reliability])
+    widths = np.array([entry["upper"] - entry["lower"] for entry in reliability])
+    filled = [index for index, entry in enumerate(reliability) if entry["examples"]]
+    accuracies = np.array([reliability[index]["accuracy"] for index in filled])
+    confidences = np.array([reliability[index]["confidence"] for index in filled])
+    accuracy_axes.bar(lowers[filled], accuracies, widths[filled], align="edge", color="C0", edgecolor="white",
+                      label="accuracy in the bin")
+    accuracy_axes.bar(lowers[filled], confidences - accuracies, widths[filled], bottom=accuracies, align="edge",
+                      color="C3", alpha=0.3, edgecolor="C3", hatch="//", label="gap to the mean confidence")
+    accuracy_axes.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    accuracy_axes.set_xlim(0, 1)
+    accuracy_axes.set_ylim(0, 1)
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.set_title(f"{title}\nexpected calibration error {expected_calibration_error:.4f} "
+                            f"({len(reliability)} equal-width bins)", fontsize=10)
+    accuracy_axes.grid(alpha=0.3)
+    accuracy_axes.legend(loc="upper left", fontsize=9)
+    count_axes.bar(lowers, [entry["examples"] for entry in reliability], widths, align="edge", color="grey",
+                   edgecolor="white")
+    count_axes.set_xlabel("top-1 confidence")
+    count_axes.set_ylabel("examples")
+    count_axes.grid(alpha=0.3)
     figure.tight_layout()
     _save_png(figure, path)
 

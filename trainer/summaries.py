@@ -73,6 +73,14 @@ class Summaries:
             writer.flush()
 
 
+def write_png(log_dir: str, step: int, name: str, png_bytes: bytes, description: str = "") -> None:
+    """One PNG as an image summary in its own event file in `log_dir`, for a tool that writes once and exits."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=step):
+        tf.summary.image(name, tf.image.decode_png(png_bytes)[tf.newaxis], step=step, description=description)
+    writer.close()
+
+
 def grid(images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, C] -> one [rows*H, columns*W, 3] image, with 1-pixel white separators."""
     images = np.asarray(images, np.uint8)

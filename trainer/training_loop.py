@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import augment
+from trainer import class_weights
 from trainer import data
 from trainer import distribution
 from trainer import feature_cache
@@ -29,7 +30,24 @@ class TrainingLoop:
         self.jit_compile = distribution.resolve_jit_compile(state.config.jit_compile, state.strategy)
         self.train_loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=state.config.label_smoothing, reduction=None)
+        self.class_weights = class_weights.resolve(
+            state.config.class_weight, self.info.class_names,
+            lambda: data.class_counts(inputs.builder, inputs.train_split, self.info.num_classes))
         self._train_loops = {}
+
+    def weighted_loss(self, targets, logits) -> tf.Tensor:
+        """Each example's float32 loss, times its class's --class_weight; a mixed example's weight mixes its
+        classes' as its target does. compute_average_loss then divides the sum by the global batch, as unweighted."""
+        per_example_loss = self.train_loss_fn(targets, logits)
+        if self.class_weights is None:
+            return per_example_loss
+        weights = tf.reduce_sum(tf.cast(targets, tf.float32) * tf.constant(self.class_weights), axis=-1)
+        return tf.cast(per_example_loss, tf.float32) * weights
+
+    @property
+    def class_weights_record(self) -> dict | None:
+        """--class_weight and the weight it resolved to for each class, for metrics.json; None without it."""
+        return class_weights.record(self.config.class_weight, self.info.class_names, self.class_weights)
 
     def training_iterator(self, phase: Phase, start_epoch: int | None = None, start_step: int = 0):
         """Distributed training batches from (start_epoch, start_step), by default the phase's start, to its end."""
@@ -64,7 +82,7 @@ class TrainingLoop:
         optimizer, variables = phase.optimizer, phase.variables
         with tf.GradientTape() as tape:
             logits, targets = forward(images, labels, indices, step)
-            per_example_loss = self.train_loss_fn(targets, logits)
+            per_example_loss = self.weighted_loss(targets, logits)
             loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=self.config.batch_size)
             scaled_loss = optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
