@@ -16,8 +16,6 @@ if [[ ! -f trainer/task.py ]]; then
 fi
 EPOCHS="${EPOCHS:-6}"
 PYTHON="${PYTHON:-python}"
-# TensorFlow's C++ start-up notes (CUDA, oneDNN) would drown the lines that matter; the trainer's own log stays.
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 WORK="$(mktemp -d -t own_images.XXXXXX)"
 SERVER_PID=""
@@ -126,8 +124,9 @@ printf '{"instances": [{"b64": "%s"}], "parameters": {"top_k": 2}}' "$(base64 -w
 curl -sf -H 'Content-Type: application/json' --data-binary "@$WORK/request.json" "$URL/v1/models/cnn:predict"
 echo
 kill "$SERVER_PID"
-wait "$SERVER_PID" || true
+status=0
+wait "$SERVER_PID" || status=$?
 SERVER_PID=""
-echo "server stopped: $(tail -n1 "$WORK/serve.log")"
+echo "server stopped (exit status $status): $(tail -n1 "$WORK/serve.log")"
 
 step "Done; removing $WORK"
