@@ -30,6 +30,7 @@ trap cleanup EXIT
 ROOT="$WORK/pets"
 RUN="$WORK/run"
 step() { printf '\n==> %s\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }  # Shows each command as it runs.
 
 step "1. Making $ROOT/<class>/<image> from CIFAR-10 test images (mixed sizes and formats, some broken)"
 "$PYTHON" - "$ROOT" <<'PYTHON'
@@ -85,23 +86,24 @@ print(f"{len(files)} files in {len(classes)} classes "
       "2 of them broken")
 PYTHON
 
-step "2. Training: python -m trainer.task --dataset=$ROOT --model=cnn --image_size=32 --epochs=$EPOCHS"
-"$PYTHON" -m trainer.task --dataset="$ROOT" --model=cnn --image_size=32 --epochs="$EPOCHS" --batch_size=32 \
+step "2. Training (the first run prepares the folder into --data_dir)"
+run "$PYTHON" -m trainer.task --dataset="$ROOT" --model=cnn --image_size=32 --epochs="$EPOCHS" --batch_size=32 \
   --data_dir="$WORK/prepared" --model_dir="$RUN"
 echo "export/assets.extra/labels.txt: $(tr '\n' ' ' < "$RUN/export/assets.extra/labels.txt")"
 echo "skipped_files.txt:"
 sed 's/^/  /' "$RUN/skipped_files.txt"
 
-step "3. Evaluating: python -m trainer.evaluate --model_dir=$RUN"
-"$PYTHON" -m trainer.evaluate --model_dir="$RUN"
+step "3. Evaluating on the held-out split"
+run "$PYTHON" -m trainer.evaluate --model_dir="$RUN"
 
-step "4. Predicting: python -m trainer.predict --model_dir=$RUN FILES"
+step "4. Predicting four images and a text file named .jpg"
 FILES=("$ROOT/airplane/airplane_000.png" "$ROOT/frog/frog_001.jpg" "$ROOT/truck/truck_002.webp"
        "$ROOT/truck/truck_003.png" "$ROOT/frog/frog_not_an_image.jpg")
 # Exit status 1 means some files could not be classified: the broken one here, on purpose.
-"$PYTHON" -m trainer.predict --model_dir="$RUN" "${FILES[@]}" || [[ $? == 1 ]]
+run "$PYTHON" -m trainer.predict --model_dir="$RUN" "${FILES[@]}" || [[ $? == 1 ]]
 
-step "5. Serving: python -m trainer.serve --model_dir=$RUN --port=0 (any free port on 127.0.0.1)"
+step "5. Serving on any free port of 127.0.0.1 (--port=0), in the background"
+echo "\$ $PYTHON -m trainer.serve --model_dir=$RUN --host=127.0.0.1 --port=0 > $WORK/serve.log 2>&1 &"
 "$PYTHON" -m trainer.serve --model_dir="$RUN" --host=127.0.0.1 --port=0 > "$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 URL=""
@@ -117,11 +119,17 @@ for _ in $(seq 600); do
   fi
   sleep 0.2
 done
+if [[ -z "$URL" ]] || ! curl -sf "$URL/healthz" > /dev/null; then
+  echo "error: the server did not become ready within 2 minutes:" >&2
+  cat "$WORK/serve.log" >&2
+  exit 1
+fi
 echo "healthz: $(curl -sf "$URL/healthz")"
 IMAGE="$ROOT/frog/frog_001.jpg"
 echo "POST $URL/v1/models/cnn:predict with $IMAGE:"
 printf '{"instances": [{"b64": "%s"}], "parameters": {"top_k": 2}}' "$(base64 -w0 "$IMAGE")" > "$WORK/request.json"
-curl -sf -H 'Content-Type: application/json' --data-binary "@$WORK/request.json" "$URL/v1/models/cnn:predict"
+curl -sS --fail-with-body -H 'Content-Type: application/json' --data-binary "@$WORK/request.json" \
+  "$URL/v1/models/cnn:predict"
 echo
 kill "$SERVER_PID"
 status=0
