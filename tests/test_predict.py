@@ -129,9 +129,19 @@ def test_the_command_names_each_unreadable_path_and_exits_1(trained_run, photos,
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert errors == [f"error: {tmp_path / 'missing.png'}: no such file or directory",
-                      f"error: {photos / 'notes.txt'}: not an image file Pillow can read (PNG or JPEG expected)"]
+                      f"error: {photos / 'notes.txt'}: not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or "
+                      "TIFF expected)"]
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["file", str(photos / "odd.png")]
     assert "classified" not in result.stderr  # One batch: no progress to show.
+
+
+def test_an_eps_file_is_refused_by_name_not_handed_to_ghostscript(trained_run, tmp_path, capsys):
+    """Pillow reads an EPS file's header by itself, then needs Ghostscript (absent here) to draw it."""
+    model_dir, _ = trained_run
+    Image.new("RGB", (8, 8)).save(tmp_path / "drawing.eps", "EPS")
+    status, out, errors = run_predict(capsys, f"--model_dir={model_dir}", str(tmp_path / "drawing.eps"))
+    assert status == 1 and errors == [f"error: {tmp_path / 'drawing.eps'}: EPS images are not supported; use PNG, "
+                                      "JPEG, GIF, BMP, WebP or TIFF"]
 
 
 def test_more_files_than_a_batch_show_progress_on_stderr(trained_run, photos):
@@ -183,8 +193,8 @@ def test_csv_cells_are_formula_safe_and_names_print_safely_on_a_terminal(trained
     (photos / "\x1b[2Jbroken.png").write_bytes(b"not an image")
     status, out, errors = run_predict(capsys, f"--model_dir={run}", "--output=csv", "--top_k=10", "--", *hostile,
                                       "\x1b[2Jbroken.png")
-    assert status == 1 and errors == ["error: \\x1b[2Jbroken.png: not an image file Pillow can read (PNG or JPEG "
-                                      "expected)"]
+    assert status == 1 and errors == ["error: \\x1b[2Jbroken.png: not an image file Pillow can read (PNG, JPEG, "
+                                      "GIF, BMP, WebP or TIFF expected)"]
     rows = list(csv.reader(io.StringIO(out)))[1:]
     assert [row[0] for row in rows] == ["'=cmd|calc!A0.png", "'+1.png", "'-2.png", "'@SUM(1).png", "\\x09TAB.png",
                                         "\\x1b]0;pwned\\x07.png", "\\u202egnp.exe"]

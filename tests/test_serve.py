@@ -262,7 +262,7 @@ BAD_REQUESTS = {
     "wrong method": ("GET", "/v1/models/cnn:predict", None, {}, 405, "GET is not allowed"),
     # Pillow reads an EPS file's size, then needs Ghostscript to draw it.
     "EPS image": ("POST", "/v1/models/cnn:predict", instances(encode(np.zeros((8, 8, 3), np.uint8), "EPS")), JSON,
-                  400, "instances[0]: EPS images are not supported; send PNG, JPEG, MPO, GIF, BMP or WEBP."),
+                  400, "instances[0]: EPS images are not supported; send PNG, JPEG, GIF, BMP, WebP or TIFF."),
     "JSON nested too deeply": ("POST", "/v1/models/cnn:predict", b"[" * 100_000 + b"]" * 100_000, JSON, 400,
                                "the body's JSON is nested too deeply"),
 }

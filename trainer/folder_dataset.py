@@ -140,6 +140,8 @@ def _encoded_image(source, relative: str, image_size: int) -> bytes | str:
 def _reason(error: Exception) -> str:
     if isinstance(error, image_files.ImageTooLarge):
         return str(error).replace(" for images to classify", "")  # predict's words; the limit is the same.
+    if isinstance(error, image_files.UnsupportedFormat):
+        return str(error)
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image Pillow can read"
     if isinstance(error, Image.DecompressionBombError):

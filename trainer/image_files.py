@@ -14,6 +14,16 @@ BACKGROUND = (255, 255, 255)
 MAX_PIXELS = 50_000_000
 
 
+# Formats Pillow decodes by itself (MPO: a camera's JPEG); others, such as EPS, would need outside programs
+# (Ghostscript), so they are refused by name instead of failing on a missing program.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF")
+SUPPORTED_FORMATS_TEXT = "PNG, JPEG, GIF, BMP, WebP or TIFF"
+
+
+class UnsupportedFormat(ValueError):
+    """An image in a format outside SUPPORTED_FORMATS, refused before decoding."""
+
+
 class ImageTooLarge(ValueError):
     """An image above MAX_PIXELS, refused before decoding."""
 
@@ -23,6 +33,8 @@ def load_image(path, image_shape: tuple[int, int, int]) -> np.ndarray:
     averaging like CIFAR's own downsampling."""
     height, width, channels = image_shape
     with Image.open(path) as image:
+        if image.format not in SUPPORTED_FORMATS:
+            raise UnsupportedFormat(f"{image.format} images are not supported; use {SUPPORTED_FORMATS_TEXT}")
         if image.width * image.height > MAX_PIXELS:
             raise ImageTooLarge(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
                              "limit for images to classify; shrink it first")

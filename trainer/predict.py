@@ -14,6 +14,7 @@ from PIL import Image
 from trainer import cli
 from trainer import progress
 from trainer import runs
+from trainer import image_files
 from trainer import storage
 from trainer.display_text import printable
 from trainer.display_text import utf8
@@ -25,7 +26,7 @@ from trainer.image_files import load_image
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
-USAGE = """Classifies image files (PNG or JPEG, any size, colour or greyscale) with a finished run's model and
+USAGE = """Classifies image files (PNG, JPEG, GIF, BMP, WebP or TIFF; any size, colour or greyscale) with a finished run's model and
 prints the top-k classes with their probabilities per file. Folders are searched recursively.
 
     python -m trainer.predict --model_dir=DIR PATH... [--top_k=3] [--output=table|csv|json] [--output_file=FILE]
@@ -143,10 +144,10 @@ def predict_files(classifier: runs.Classifier, files: list[str], *, top_k: int, 
 
 
 def _reason(error: Exception) -> str:
-    if isinstance(error, ImageTooLarge):
+    if isinstance(error, (ImageTooLarge, image_files.UnsupportedFormat)):
         return str(error)
     if isinstance(error, Image.UnidentifiedImageError):
-        return "not an image file Pillow can read (PNG or JPEG expected)"
+        return f"not an image file Pillow can read ({image_files.SUPPORTED_FORMATS_TEXT} expected)"
     return f"cannot decode the image ({one_line(error, 200)})"
 
 

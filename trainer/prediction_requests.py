@@ -20,8 +20,7 @@ from trainer.errors import one_line
 # decoding; Pillow's warning for large images would only repeat it.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 JSON_TYPE = "application/json"
-# Formats Pillow decodes by itself (MPO: a camera's JPEG); others, such as EPS, would need outside programs.
-SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP")
+SUPPORTED_FORMATS = image_files.SUPPORTED_FORMATS
 INSTANCE_FORMS = '{"b64": "<base64 file bytes>"} or {"image_bytes": {"b64": "<base64 file bytes>"}}'
 
 
@@ -139,14 +138,14 @@ def decode_image(index: int, data: bytes, image_shape: tuple[int, int, int], lim
             image_format = image.format
     except Image.UnidentifiedImageError as error:
         raise RequestError(400, f"instances[{index}]: not an image file ({len(data):,} bytes that Pillow cannot "
-                                "read; PNG or JPEG expected).") from error
+                                f"read; {image_files.SUPPORTED_FORMATS_TEXT} expected).") from error
     except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours: refused all the same.
         raise too_many_pixels(index, "more pixels than Pillow allows", limits) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise RequestError(400, f"instances[{index}]: cannot read the image ({one_line(error, 200)}).") from error
     if image_format not in SUPPORTED_FORMATS:
         raise RequestError(400, f"instances[{index}]: {image_format} images are not supported; send "
-                                f"{', '.join(SUPPORTED_FORMATS[:-1])} or {SUPPORTED_FORMATS[-1]}.")
+                                f"{image_files.SUPPORTED_FORMATS_TEXT}.")
     if width * height > limits.max_image_pixels:
         raise too_many_pixels(index, f"{width:,}x{height:,} pixels", limits)
     try:
