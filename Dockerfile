@@ -1,6 +1,6 @@
 # The training job's image, for one accelerator: `python -m trainer.task` with the flags as arguments.
 #
-#   docker build --build-arg ACCELERATOR=gpu -t IMAGE .   (or python -m launch.build: README.md, "Run on Google Cloud")
+#   docker build --build-arg ACCELERATOR=gpu -t IMAGE .   (or python -m launch.build: docs/cloud.md, "Run on Google Cloud")
 #   docker run IMAGE --model=cnn --epochs=1
 #   docker run -p 8080:8080 --entrypoint python IMAGE -m trainer.serve --host=0.0.0.0 --model_dir=gs://...   (serving)
 #
@@ -14,7 +14,7 @@ FROM ${BASE_IMAGE}
 # tpu: tensorflow-tpu and libtpu; cpu: TensorFlow's CPU-only build.
 ARG ACCELERATOR=gpu
 
-# Where each accelerator's runtime is found when the job runs (README.md, "The images find their accelerator"):
+# Where each accelerator's runtime is found when the job runs (docs/cloud.md, "The images find their accelerator"):
 # - GPU: GKE's NVIDIA device plugin mounts the driver in /usr/local/nvidia (lib64, bin) and sets no library path, so
 #   the image puts it on LD_LIBRARY_PATH and PATH, as NVIDIA's CUDA images do; hosts that inject the driver with the
 #   NVIDIA container toolkit instead do so for the devices and capabilities the NVIDIA_* variables ask for.

@@ -1,13 +1,26 @@
-"""The README's generated blocks: each benchmark rewrites only the text between its own pair of markers."""
+"""The docs' generated blocks: each benchmark rewrites only the text between its own pair of markers, in whichever
+page (README.md or docs/*.md) holds them."""
 
 import pathlib
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def replace_block(name: str, content: str, readme: pathlib.Path = README) -> None:
+def page_holding(name: str) -> pathlib.Path:
+    """The one page with `<!-- NAME:start -->`; the blocks moved from the README into docs/ pages by topic."""
+    marker = f"<!-- {name}:start -->"
+    pages = [page for page in (README, *sorted((ROOT / "docs").glob("*.md"))) if marker in page.read_text()]
+    if len(pages) != 1:
+        raise SystemExit(f"error: {len(pages)} pages hold {marker} ({', '.join(page.name for page in pages) or 'none'});"
+                         " exactly one should; not updated.")
+    return pages[0]
+
+
+def replace_block(name: str, content: str, readme: pathlib.Path | None = None) -> None:
     """Puts `content` between `<!-- NAME:start -->` and `<!-- NAME:end -->`, re-reading the file just before, so
     edits made while a long benchmark ran are kept; refuses, changing nothing, unless each marker is there once."""
+    readme = readme or page_holding(name)
     start_marker, end_marker = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = readme.read_text()
     once = text.count(start_marker) == 1 and text.count(end_marker) == 1

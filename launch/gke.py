@@ -72,7 +72,7 @@ flags.DEFINE_integer("restarts", 3, "JobSet: restarts of the whole job, preempti
                      "(backoffLimit = restarts x workers: one worker's failure stops all of them).",
                      flag_values=FLAGS)
 flags.DEFINE_float("timeout_hours", 0, "Stop the whole run this many hours after submission, restarts included; "
-                   "0: no limit (README.md, \"Run on GKE\").", flag_values=FLAGS)
+                   "0: no limit (docs/cloud.md, \"Run on GKE\").", flag_values=FLAGS)
 flags.DEFINE_bool("spot", False, "Schedule on Spot VMs (node label cloud.google.com/gke-spot=true, and its taint "
                   "tolerated).", flag_values=FLAGS)
 flags.DEFINE_enum("api", "jobset", ("jobset", "job"), "jobset: a JobSet, whose pods restart together and which owns "

@@ -9,7 +9,7 @@ podFailurePolicy tells the JobSet why, by rule index, so that
 - a preemption (exit status 42 after a checkpoint, or a Kubernetes disruption such as a Spot reclaim or a node
   drain) restarts it without counting against --restarts;
 - any other failure restarts it, at most --restarts times.
-Needs the JobSet controller in the cluster (README.md, "Run on GKE"). The pure functions here build the manifest
+Needs the JobSet controller in the cluster (docs/cloud.md, "Run on GKE"). The pure functions here build the manifest
 from the pod template launch/gke.py makes.
 """
 

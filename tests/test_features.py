@@ -184,7 +184,7 @@ def config_of_command(command: str) -> config_lib.Config:
 
 
 def test_the_fast_recipe_is_what_its_readme_rows_measured():
-    """The README's 10-epoch fast rows spell the parity options out; --recipe=fast must now mean exactly that."""
+    """docs/results.md's 10-epoch fast rows spell the parity options out; --recipe=fast must now mean exactly that."""
     runs = {run["name"]: run for run in json.loads((ROOT / "benchmarks" / "results.json").read_text())["fast"]["runs"]}
     for name, extra in (("fast-10-epochs-parity", ""), ("fast-10-epochs-parity-seed-1", " --seed=1")):
         assert config_of_command(runs[name]["command"]) == config_of_command(

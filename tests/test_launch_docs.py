@@ -17,8 +17,8 @@ GUIDE_HEADING = "## Run on Google Cloud"
 
 
 def guide_text() -> str:
-    """The README's "Run on Google Cloud" section."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/cloud.md's "Run on Google Cloud" section."""
+    readme = (ROOT / "docs" / "cloud.md").read_text()
     section = readme[readme.index(GUIDE_HEADING):]
     following = section.find("\n## ", 1)
     return section if following < 0 else section[:following]
@@ -73,11 +73,10 @@ def test_gcloud_commands_parse(tmp_path):
 
 
 def test_pointers_to_the_guide_lead_somewhere():
-    """The Dockerfile and the launchers send readers to files and README sections that exist."""
-    readme = (ROOT / "README.md").read_text()
+    """The Dockerfile and the launchers send readers to files and to sections of docs pages that exist."""
     for source in [ROOT / "Dockerfile", *sorted((ROOT / "launch").glob("*.py"))]:
         text = source.read_text()
         for document in re.findall(r"[\w./-]+\.md\b", text):
             assert (ROOT / document).is_file(), (source.name, document)
-        for section in re.findall(r'README\.md, "([^"]+)"', text):
-            assert f"## {section}\n" in readme, (source.name, section)
+        for page, section in re.findall(r'((?:README|docs/\w+)\.md), "([^"]+)"', text):
+            assert re.search(rf"^#+ {re.escape(section)}\n", (ROOT / page).read_text(), re.M), (source.name, section)

@@ -349,7 +349,8 @@ def test_deploy_refuses_a_machine_the_gpu_cannot_attach_to(flags, expected):
 
 def test_readme_deploy_command_runs_as_written_with_the_guides_variables():
     """BUCKET=gs://my-bucket: the deploy section uses $BUCKET, never gs://$BUCKET (which gives gs://gs://)."""
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    docs = pathlib.Path(__file__).parent.parent / "docs"
+    readme = (docs / "cloud.md").read_text() + (docs / "serving.md").read_text()
     exports = [line for line in readme.splitlines() if line.startswith("export PROJECT=")]
     section = readme[readme.index("### Deploy to a Vertex AI endpoint"):readme.index("### Deploy to GKE")]
     command = re.search(r"python -m launch\.vertex deploy .*?(?=\ngcloud)", section, re.S).group(0)
