@@ -12,8 +12,8 @@ def page_holding(name: str) -> pathlib.Path:
     marker = f"<!-- {name}:start -->"
     pages = [page for page in (README, *sorted((ROOT / "docs").glob("*.md"))) if marker in page.read_text()]
     if len(pages) != 1:
-        raise SystemExit(f"error: {len(pages)} pages hold {marker} ({', '.join(page.name for page in pages) or 'none'});"
-                         " exactly one should; not updated.")
+        names = ", ".join(page.name for page in pages) or "none"
+        raise SystemExit(f"error: {len(pages)} pages hold {marker} ({names}); exactly one should; not updated.")
     return pages[0]
 
 

@@ -26,8 +26,8 @@ from trainer.image_files import load_image
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
-USAGE = """Classifies image files (PNG, JPEG, GIF, BMP, WebP or TIFF; any size, colour or greyscale) with a finished run's model and
-prints the top-k classes with their probabilities per file. Folders are searched recursively.
+USAGE = """Classifies image files (PNG, JPEG, GIF, BMP, WebP or TIFF; any size, colour or greyscale) with a
+finished run's model and prints the top-k classes with their probabilities per file. Folders are searched recursively.
 
     python -m trainer.predict --model_dir=DIR PATH... [--top_k=3] [--output=table|csv|json] [--output_file=FILE]
 
