@@ -32,6 +32,7 @@ def markdown(results: dict) -> str:
              "Regenerate with `python benchmarks/run.py --update_readme` (or `--only=SECTION,...`; "
              "`python benchmarks/run.py --help` lists them).", ""]
     lines += _throughput_rows(results) + [""] + _accuracy_rows(results) + _ablation_rows(results)
+    lines += folder_rows(results)
     if "fast" in results:
         lines += ["", f"![Test accuracy of --recipe=fast against wall time]({FAST_CHART})"]
     return "\n".join(lines) + "\n"
@@ -126,6 +127,49 @@ def _ablation_rows(results: dict) -> list[str]:
         lines.append(f"| {what} | {run['test_accuracy']:.2%} | {100 * (run['test_accuracy'] - reference):+.2f} "
                      f"points | `{run['command']}` | {_when(run)} |")
     return lines
+
+
+def folder_rows(results: dict) -> list[str]:
+    """The folder section: our preparation and epochs against one Keras epoch, training from the folder against
+    synthetic data, each with the issue's goal and whether this run met it."""
+    if "folder" not in results:
+        return []
+    section = results["folder"]
+    keras_epoch, when = section["keras_epoch"], _when(section)
+    size, goals = section["image_size"], section["goals"]
+    lines = ["", f"| Folder of {section['images']:,} JPEGs ({section['source_size']}x{section['source_size']}), read "
+             f"at {size}x{size} | Result | Goal | How | Measured |", "|---|---|---|---|---|",
+             f"| One epoch of Keras `image_dataset_from_directory` | {_seconds_and_rate(keras_epoch)} | the "
+             f"reference | listing and decoding every image, batch {section['batch_size']}, read to the end | {when} |"]
+    preparation = {**section["preparation"], "images_per_second":
+                   section["preparation"]["images"] / section["preparation"]["seconds"]}
+    lines.append(f"| Our preparation (`trainer.folder_dataset`) | {_seconds_and_rate(preparation)}, "
+                 f"{_against_keras(preparation, keras_epoch)} | {_goal(preparation, keras_epoch, goals['preparation'])}"
+                 f" | listing, decoding, resizing and writing the shards into an empty `--data_dir` | {when} |")
+    for number, epoch in enumerate(section["epochs"], 1):
+        lines.append(f"| Our epoch {number} after preparing | {_seconds_and_rate(epoch)}, "
+                     f"{_against_keras(epoch, keras_epoch)} | {_goal(epoch, keras_epoch, goals['epoch'])} | the "
+                     f"training split's shuffled uint8 batches as a run reads them, from {epoch['from']} | {when} |")
+    for row in section["training"]:
+        met = "met" if row["ratio"] >= goals["training"] else "**not met**"
+        lines.append(f"| Training `{row['model']}` from the folder | {row['folder']:,.0f} img/s, synthetic "
+                     f"{row['synthetic']:,.0f} ({row['ratio']:.0%}) | ≥ {goals['training']:.0%}: {met} | "
+                     f"`--image_size={size}`, {row['precision']}, batch {section['batch_size']}, "
+                     f"{row['steps_per_loop']} steps per call; synthetic = one in-memory batch | {when} |")
+    return lines
+
+
+def _seconds_and_rate(timing: dict) -> str:
+    return f"{timing['seconds']:.1f}s ({timing['images_per_second']:,.0f} img/s)"
+
+
+def _against_keras(timing: dict, keras_epoch: dict) -> str:
+    return f"{timing['images_per_second'] / keras_epoch['images_per_second']:.1f}x Keras's img/s"
+
+
+def _goal(timing: dict, keras_epoch: dict, goal: float) -> str:
+    met = timing["images_per_second"] >= goal * keras_epoch["images_per_second"]
+    return f"≥ {goal:g}x: {'met' if met else '**not met**'}"
 
 
 def _flags(run: dict) -> str:

@@ -34,10 +34,11 @@ from trainer import distribution  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.steps import Steps  # noqa: E402
 
+from benchmarks import folder  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.synthetic import synthetic_iterator  # noqa: E402
 
-SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast")
+SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast", "folder")
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.")
 flags.DEFINE_float("round_seconds", 8.0, "Target length of one timed round.")
 flags.DEFINE_string("output", str(ROOT / "benchmarks" / "results.json"), "Where the raw results go (JSON).")
@@ -283,6 +284,11 @@ def benchmark_cache() -> dict:
         result["epoch_seconds"] = [entry["train_seconds"] for entry in metrics["history"]]
     results["command"] = "python -m trainer.task " + common + " [--cache_features]"
     return results
+
+
+def benchmark_folder() -> dict:
+    """A folder of 20,000 JPEGs: our preparation and epochs against Keras's, training from it against synthetic."""
+    return folder.benchmark(FLAGS.data_dir, make_steps, loop_runner, timed_rounds)
 
 
 def main(argv):
