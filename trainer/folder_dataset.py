@@ -133,11 +133,12 @@ def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int, ch
 def _decoding_pool(folder: image_folder.Folder, chunk_size: int) -> tuple[concurrent.futures.Executor, int, int]:
     """The pool, its number of workers and the images each task decodes.
 
-    A local folder is decoded by forked processes, which start in milliseconds with what this process imported:
-    Pillow's Python code holds the GIL about as long as its decoder runs, so threads used one core of two (20,000
-    JPEGs: 6.9 s in threads, 3.5 s in two processes). Tasks of chunk_size images keep the pool's own cost small; the
-    workers only run Pillow and numpy, none of the locks of this process's other threads. Cloud Storage reads wait
-    on the network: there a pool of threads overlaps them, an image at a time.
+    A local folder is decoded by forked processes, which start in milliseconds with what this process imported
+    (spawned ones would import the job's main module, TensorFlow and all): Pillow's Python code holds the GIL about
+    as long as its decoder runs, so threads kept one core of two busy (benchmarks/run.py --only=folder measures
+    preparation). Tasks of chunk_size images keep the pool's own cost small. The workers run only Pillow and numpy,
+    none of the locks of this process's other threads. Cloud Storage reads wait on the network: there a pool of
+    threads overlaps them, an image at a time.
     """
     if gcs.is_gcs(folder.root) or "fork" not in multiprocessing.get_all_start_methods():
         workers = 16 if gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
