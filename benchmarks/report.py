@@ -1,4 +1,4 @@
-"""The README's results section, and its chart, rendered from benchmarks/results.json."""
+"""The results section of docs/results.md, its chart, and the README's headline, from benchmarks/results.json."""
 
 import json
 import pathlib
@@ -32,8 +32,28 @@ def markdown(results: dict) -> str:
              "Regenerate with `python benchmarks/run.py --update_readme` (or `--only=SECTION,...`; "
              "`python benchmarks/run.py --help` lists them).", ""]
     lines += _throughput_rows(results) + [""] + _accuracy_rows(results) + _ablation_rows(results)
+    lines += folder_rows(results)
     if "fast" in results:
-        lines += ["", f"![Test accuracy of --recipe=fast against wall time]({FAST_CHART})"]
+        # The block lives in docs/results.md, one folder below the chart's path from the root.
+        lines += ["", f"![Test accuracy of --recipe=fast against wall time](../{FAST_CHART})"]
+    return "\n".join(lines) + "\n"
+
+
+def headline(results: dict) -> str:
+    """The README's few lines: the seed recipe (the notebook's CNN) and the fast recipe's seeds."""
+    lines = ["| Recipe (full CIFAR-10 test set) | Test accuracy | Time on 2 CPU cores | Command |", "|---|---|---|---|"]
+    if "seed" in results:
+        run = results["seed"]
+        lines.append(f"| `--recipe=seed`: the notebook's CNN, trained by this job | {run['test_accuracy']:.2%} | "
+                     f"{progress.format_duration(run['wall_seconds'])} ({short_cpu(run['measured']['cpu'])}) | "
+                     f"`{run['command']}` |")
+    parity = [run for run in results.get("fast", {}).get("runs", []) if run["name"].startswith("fast-10-epochs-parity")
+              and not is_ablation(run)]
+    for run in parity:
+        reached = time_to(run, 0.94)
+        when = f"94% after {progress.format_duration(reached)}" if reached else "94% not reached"
+        lines.append(f"| `--recipe=fast`, airbench94's network and 10 epochs | {run['test_accuracy']:.2%} | {when} "
+                     f"({short_cpu(run['measured']['cpu'])}) | `{run['command']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +148,49 @@ def _ablation_rows(results: dict) -> list[str]:
     return lines
 
 
+def folder_rows(results: dict) -> list[str]:
+    """The folder section: our preparation and epochs against one Keras epoch, training from the folder against
+    synthetic data, each with the issue's goal and whether this run met it."""
+    if "folder" not in results:
+        return []
+    section = results["folder"]
+    keras_epoch, when = section["keras_epoch"], _when(section)
+    size, goals = section["image_size"], section["goals"]
+    lines = ["", f"| Folder of {section['images']:,} JPEGs ({section['source_size']}x{section['source_size']}), read "
+             f"at {size}x{size} | Result | Goal | How | Measured |", "|---|---|---|---|---|",
+             f"| One epoch of Keras `image_dataset_from_directory` | {_seconds_and_rate(keras_epoch)} | the "
+             f"reference | listing and decoding every image, batch {section['batch_size']}, read to the end | {when} |"]
+    preparation = {**section["preparation"], "images_per_second":
+                   section["preparation"]["images"] / section["preparation"]["seconds"]}
+    lines.append(f"| Our preparation (`trainer.folder_dataset`) | {_seconds_and_rate(preparation)}, "
+                 f"{_against_keras(preparation, keras_epoch)} | {_goal(preparation, keras_epoch, goals['preparation'])}"
+                 f" | listing, decoding, resizing and writing the shards into an empty `--data_dir` | {when} |")
+    for number, epoch in enumerate(section["epochs"], 1):
+        lines.append(f"| Our epoch {number} after preparing | {_seconds_and_rate(epoch)}, "
+                     f"{_against_keras(epoch, keras_epoch)} | {_goal(epoch, keras_epoch, goals['epoch'])} | the "
+                     f"training split's shuffled uint8 batches as a run reads them, from {epoch['from']} | {when} |")
+    for row in section["training"]:
+        met = "met" if row["ratio"] >= goals["training"] else "**not met**"
+        lines.append(f"| Training `{row['model']}` from the folder | {row['folder']:,.0f} img/s, synthetic "
+                     f"{row['synthetic']:,.0f} ({row['ratio']:.0%}) | ≥ {goals['training']:.0%}: {met} | "
+                     f"`--image_size={size}`, {row['precision']}, batch {section['batch_size']}, "
+                     f"{row['steps_per_loop']} steps per call; synthetic = one in-memory batch | {when} |")
+    return lines
+
+
+def _seconds_and_rate(timing: dict) -> str:
+    return f"{timing['seconds']:.1f}s ({timing['images_per_second']:,.0f} img/s)"
+
+
+def _against_keras(timing: dict, keras_epoch: dict) -> str:
+    return f"{timing['images_per_second'] / keras_epoch['images_per_second']:.1f}x Keras's img/s"
+
+
+def _goal(timing: dict, keras_epoch: dict, goal: float) -> str:
+    met = timing["images_per_second"] >= goal * keras_epoch["images_per_second"]
+    return f"≥ {goal:g}x: {'met' if met else '**not met**'}"
+
+
 def _flags(run: dict) -> str:
     return run["command"].removeprefix("python -m trainer.task ")
 
@@ -202,6 +265,7 @@ def update_readme(results: dict) -> None:
     if "fast" in results:
         plot_fast(results, ROOT / FAST_CHART)
     readme.replace_block("results", markdown(results))
+    readme.replace_block("headline", headline(results))
 
 
 if __name__ == "__main__":

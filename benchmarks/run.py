@@ -35,10 +35,11 @@ from trainer import distribution  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.steps import Steps  # noqa: E402
 
+from benchmarks import folder  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.synthetic import synthetic_iterator  # noqa: E402
 
-SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast")
+SECTIONS = ("pipeline", "throughput", "sweep", "fit", "seed", "features", "cache", "fast", "folder")
 FLAGS = cli.flag_registry()
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}.", flag_values=FLAGS)
 flags.DEFINE_float("round_seconds", 8.0, "Target length of one timed round.", flag_values=FLAGS)
@@ -53,6 +54,7 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory holding CIFAR-10. Def
                     "prepared copy in ../shared/tensorflow_datasets beside the repo.", flag_values=FLAGS)
 flags.DEFINE_bool("update_readme", False, "Rewrite the README's results section from the results file.",
                   flag_values=FLAGS)
+folder.define_flags(FLAGS)
 
 BATCH_SIZE = 128
 # Models at the sizes measured here: resnet50 at 64x64 (224x224 runs at a few images/s on 2 cores).
@@ -287,6 +289,11 @@ def benchmark_cache() -> dict:
         result["epoch_seconds"] = [entry["train_seconds"] for entry in metrics["history"]]
     results["command"] = "python -m trainer.task " + common + " [--cache_features]"
     return results
+
+
+def benchmark_folder() -> dict:
+    """A folder of 20,000 JPEGs: our preparation and epochs against Keras's, training from it against synthetic."""
+    return folder.benchmark(FLAGS, FLAGS.data_dir, make_steps, loop_runner, timed_rounds)
 
 
 def main(argv):

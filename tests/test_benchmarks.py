@@ -1,8 +1,15 @@
-"""The benchmark script's bookkeeping: rerunning some models keeps the others' results."""
+"""The benchmark script's bookkeeping: rerunning some models keeps the others' results; the folder rows."""
+
+import json
+import re
 
 import pytest
 
+from helpers import ROOT
+
+from benchmarks import folder
 from benchmarks import readme
+from benchmarks import report
 from benchmarks import run
 
 
@@ -39,3 +46,35 @@ def test_a_readme_block_is_replaced_between_its_own_markers_only(tmp_path):
             path.write_text(before + "<!-- a:start -->\n")
         with pytest.raises(SystemExit, match="not updated"):
             readme.replace_block(name, "x\n", path)
+
+
+def _folder_section(preparation_seconds: float, first_epoch_seconds: float, training_ratio: float) -> dict:
+    return {"images": 1000, "source_size": 256, "image_size": 64, "batch_size": 128, "goals": folder.GOALS,
+            "measured": {"date": "2026-12-06", "commit": "abc1234", "cpu": "Intel(R) Xeon(R) Processor"},
+            "keras_epoch": {"seconds": 10.0, "images": 1000, "images_per_second": 100.0},
+            "preparation": {"seconds": preparation_seconds, "images": 1000},
+            "epochs": [{"seconds": first_epoch_seconds, "images": 896, "images_per_second": 896 / first_epoch_seconds,
+                        "from": "the prepared shards"}],
+            "training": [{"model": "cnn", "precision": "float32", "steps_per_loop": 50, "folder": 95.0 * training_ratio,
+                          "synthetic": 95.0, "ratio": training_ratio}]}
+
+
+def test_the_folder_rows_say_each_goal_met_or_not_against_the_keras_epoch():
+    met = "\n".join(report.folder_rows({"folder": _folder_section(5.0, 0.5, 0.97)}))
+    assert "| Our preparation (`trainer.folder_dataset`) | 5.0s (200 img/s), 2.0x Keras's img/s | ≥ 1x: met |" in met
+    assert "| Our epoch 1 after preparing | 0.5s (1,792 img/s), 17.9x Keras's img/s | ≥ 10x: met |" in met
+    assert "| Training `cnn` from the folder | 92 img/s, synthetic 95 (97%) | ≥ 95%: met |" in met
+    assert "2026-12-06, `abc1234`, Intel Xeon |" in met and "not met" not in met
+    missed = "\n".join(report.folder_rows({"folder": _folder_section(20.0, 1.0, 0.9)}))
+    assert missed.count("**not met**") == 3, missed
+    assert report.folder_rows({}) == []
+
+
+def test_the_readme_headline_and_the_results_page_are_rendered_from_the_results_file():
+    """Regenerate both with: python benchmarks/report.py"""
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    for page, name, expected in (("README.md", "headline", report.headline(results)),
+                                 ("docs/results.md", "results", report.markdown(results))):
+        text = (ROOT / page).read_text()
+        block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S).group(1)
+        assert block == expected, f"{page}'s {name} block: regenerate it with python benchmarks/report.py"

@@ -3,7 +3,8 @@ size), then read back like any TFDS dataset; with the summary of what was prepar
 
 import collections
 import concurrent.futures
-import io
+import itertools
+import multiprocessing
 import os
 import random
 
@@ -26,8 +27,10 @@ DEFAULT_IMAGE_SIZE = 64
 SKIPPED_FILES = "skipped_files.txt"
 # How many skipped files the summary names; the rest are in the run directory's SKIPPED_FILES.
 NAMED_IN_SUMMARY = 5
-# PNG's fastest compression: stored images are decoded once per run, and photographs barely compress anyway.
-PNG_COMPRESS_LEVEL = 1
+# Images a worker process decodes per task: one at a time, the pool's own bookkeeping cost as much as decoding them.
+# The held-out split of ROOT/<class>/<image> takes small tasks: what is decoded past a class's share is wasted.
+CHUNK = 64
+HELD_OUT_CHUNK = 4
 
 
 def stored_image_size(image_size: int | None) -> int:
@@ -41,7 +44,8 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     prepared into a new directory and an unchanged one is found prepared."""
 
     name = "image_folder"
-    VERSION = tfds.core.Version("1.0.0")
+    # 2.0.0: raw uint8 pixels instead of PNG (a copy prepared as 1.0.0 is prepared again, in its own directory).
+    VERSION = tfds.core.Version("2.0.0")
 
     def __init__(self, folder: image_folder.Folder, image_size: int, data_dir: str | None):
         self.folder, self.image_size = folder, image_size
@@ -57,7 +61,11 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return tfds.core.DatasetInfo(
             builder=self, description=f"The images of {self.folder.root} at {side}x{side}.",
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(side, side, 3), encoding_format="png"),
+                # Raw pixels, not PNG: encoding a PNG cost as much as decoding the JPEG, and decoding it again
+                # made a run's first epoch several times slower. A run holds every decoded image in memory anyway,
+                # so the shards are no larger than what it needs in RAM.
+                "image": tfds.features.Tensor(shape=(side, side, 3), dtype=np.uint8,
+                                              encoding=tfds.features.Encoding.BYTES),
                 "label": tfds.features.ClassLabel(names=list(self.folder.class_names)),
                 "file_name": tfds.features.Text()}),
             supervised_keys=("image", "label"), metadata=tfds.core.MetadataDict())
@@ -78,7 +86,8 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
         kept = self.counts[split]
         candidates = (labelled for labelled in files if quota is None or kept[labelled.label] < quota[labelled.label])
-        for labelled, encoded in _decoded_in_parallel(self.folder, candidates, self.image_size):
+        chunk_size = CHUNK if quota is None else HELD_OUT_CHUNK
+        for labelled, encoded in _decoded_in_parallel(self.folder, candidates, self.image_size, chunk_size):
             if quota is not None:
                 if kept[labelled.label] >= quota[labelled.label]:
                     continue  # Decoded ahead after its class's share was full: it goes to training instead.
@@ -109,32 +118,60 @@ def config_name(folder: image_folder.Folder, image_size: int) -> str:
     return f"{readable}_{image_size}px_{folder.fingerprint(image_size)[:16]}"
 
 
-def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int):
-    """(file, PNG bytes or the reason it was skipped) in the files' order, decoded by a pool of threads: Pillow
-    releases the GIL while it decodes, resizes and compresses. A bounded window keeps memory flat."""
-    workers = 16 if gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
+def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int, chunk_size: int):
+    """(file, pixels or the reason it was skipped) in the files' order, decoded by a pool of workers in chunks. A
+    bounded window of chunks keeps memory flat."""
+    pool, workers, chunk_size = _decoding_pool(folder, chunk_size)
     window = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
-        for labelled in files:
-            window.append((labelled, pool.submit(_encoded_image, folder.source, labelled.file.relative, image_size)))
-            if len(window) >= 4 * workers:
-                labelled_done, future = window.popleft()
-                yield labelled_done, future.result()
+    with pool:
+        for chunk in _chunks(files, chunk_size):
+            relatives = [labelled.file.relative for labelled in chunk]
+            window.append((chunk, pool.submit(_loaded_images, folder.source, relatives, image_size)))
+            if len(window) >= 2 * workers:
+                yield from _finished(*window.popleft())
         while window:
-            labelled_done, future = window.popleft()
-            yield labelled_done, future.result()
+            yield from _finished(*window.popleft())
 
 
-def _encoded_image(source, relative: str, image_size: int) -> bytes | str:
-    """The image as PNG bytes at image_size x image_size, prepared as predict and the server prepare an image (EXIF
+def _decoding_pool(folder: image_folder.Folder, chunk_size: int) -> tuple[concurrent.futures.Executor, int, int]:
+    """The pool, its number of workers and the images each task decodes.
+
+    A local folder is decoded by forked processes, which start in milliseconds with what this process imported
+    (spawned ones would import the job's main module, TensorFlow and all): Pillow's Python code holds the GIL about
+    as long as its decoder runs, so threads kept one core of two busy (benchmarks/run.py --only=folder measures
+    preparation). Tasks of chunk_size images keep the pool's own cost small. The workers run only Pillow and numpy,
+    none of the locks of this process's other threads. Cloud Storage reads wait on the network: there a pool of
+    threads overlaps them, an image at a time.
+    """
+    if gcs.is_gcs(folder.root) or "fork" not in multiprocessing.get_all_start_methods():
+        workers = 16 if gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
+        return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare"), workers, 1
+    workers = len(os.sched_getaffinity(0))
+    return (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")), workers,
+            chunk_size)
+
+
+def _chunks(items, size: int):
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _finished(chunk: list, future: concurrent.futures.Future):
+    yield from zip(chunk, future.result())
+
+
+def _loaded_images(source, relatives: list[str], image_size: int) -> list[np.ndarray | str]:
+    return [_loaded_image(source, relative, image_size) for relative in relatives]
+
+
+def _loaded_image(source, relative: str, image_size: int) -> np.ndarray | str:
+    """The image as uint8 pixels at image_size x image_size, prepared as predict and the server prepare an image (EXIF
     orientation, 8-bit RGB, alpha on white, area-averaged shrinking); or why it was skipped."""
     try:
-        pixels = image_files.load_image(source.open(relative), (image_size, image_size, 3))
+        return image_files.load_image(source.open(relative), (image_size, image_size, 3))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return _reason(error)
-    encoded = io.BytesIO()
-    Image.fromarray(np.asarray(pixels)).save(encoded, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return encoded.getvalue()
 
 
 def _reason(error: Exception) -> str:
