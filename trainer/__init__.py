@@ -12,6 +12,7 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
                      resume), config.json, and the clean-up of a run that fails before writing anything
   storage.py         the run directory's layout, safe writes, and its checks before a run writes
   gcs.py             gs:// run directories, mirrored from a local working copy
+  mirrored_files.py  which files of that copy the mirror sends (and in what order), fetches back and deletes
   run_lock.py        the run lock: one job at a time in a model_dir (a file lock, or a lock object on gs://)
   data.py            TFDS splits -> uint8 batches per replica (Inputs), evaluation batches
   image_folder.py    --dataset=PATH: a folder of labelled images, its layouts, classes, held-out split, fingerprint
@@ -29,6 +30,7 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   augment.py         on-device augmentation and mixing, with stateless seeds
   class_weights.py   --class_weight: per-class loss weights, balanced from the training split's counts or given
   optimization.py    optimizers, schedules, clipping, weight averaging, Lookahead
+  class_weights.py   --class_weight: per-class loss weights, 'balanced' from the class counts or by class name
   model_state.py     the training state: model, phases' optimizers, weight average, Lookahead, train metrics
   training_loop.py   the compiled training loop: on-device augmentation, the gradient step, the network's hooks
   evaluation_loop.py evaluation: loss, accuracy, confusion matrix, test-time augmentation
@@ -37,7 +39,9 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   early_stopping.py  the best epoch, its weights, and when a phase stops
   checkpoint_schema.py  what a checkpoint holds (one function builds it) and reading older checkpoints
   checkpoints.py     TrainingState, checkpoints under multi-worker rules, preemption
-  train.py           run(): builds the Steps; Trainer: phases, epochs, checkpoints, the run's outputs
+  train.py           run(): builds the Steps; Trainer: phases, epochs, checkpoints, early stopping, progress
+  run_outputs.py     a run's outputs as it trains (summaries, history chart) and at its end (final evaluation,
+                     export, metrics.json, charts)
   progress.py        console progress with images/s and ETA
   summaries.py       TensorBoard events: scalars, images, flags, hparams, profiles
   log_upload.py      live TensorBoard: a gs:// run's events sent every --log_upload_seconds

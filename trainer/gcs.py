@@ -13,13 +13,14 @@ import uuid
 
 from absl import logging
 
+from trainer import mirrored_files
 from trainer.errors import Failure
 from trainer.errors import TrainingError
 from trainer.errors import TransientError
 from trainer.errors import UsageError
 from trainer.errors import one_line
+from trainer.mirrored_files import CHECKPOINT_STATE
 
-CHECKPOINT_STATE = "checkpoint"
 # Files larger than one chunk go up as resumable uploads in chunks of this size, so a failed request re-sends one
 # chunk rather than the whole file. 8 MiB is the smallest chunk Cloud Storage recommends for throughput (every
 # chunk is a request) and bounds the memory a chunk is buffered in; the client's default chunk, 100 MiB, would make
@@ -29,13 +30,6 @@ RESUMABLE_CHUNK_BYTES = 8 * 1024 * 1024
 # A CRC32C mismatch means the bytes were damaged on the way (the client has already deleted the damaged object);
 # sending them again is safe, but a second mismatch points at something a retry will not fix.
 UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH = 2
-# Scratch files of the trainer that are never mirrored: non-chief checkpoint directories, checkpoints being
-# written, staging exports, temporary JSON/PNG files and write probes.
-SKIPPED = re.compile(r"(^|/)(\.worker-\d+-temp|ckpt-\d+_temp[^/]*|export\.partial|\.tmp-[^/]*|\.write-check-[^/]*)"
-                     r"(/|$)")
-# Sent last in each pass, so the bucket never names what has not arrived: the checkpoint state file names the
-# checkpoint files, and metrics.json marks a finished run whose export is already there.
-SENT_LAST = ("metrics.json", CHECKPOINT_STATE)
 # How long a Cloud Storage outage may last before the job gives up (--storage_retry_seconds' default).
 RETRY_SECONDS = 600
 # Waits between attempts while Cloud Storage is unreachable: doubling from the first, up to the last.
@@ -128,6 +122,10 @@ class Mirror:
         self._synced: dict[str, tuple[int, int]] = {}  # Local path -> (size, mtime_ns) when last synced.
 
     @property
+    def _locals(self) -> list[str]:
+        return [root.local for root in self.roots]
+
+    @property
     def client(self):
         if self._client is None:
             from google.auth import exceptions as auth_exceptions
@@ -184,29 +182,9 @@ class Mirror:
             blobs = retry_transient(lambda: self._list(root), f"{root.remote}: listing the run", self.retry_seconds)
             for blob in blobs:
                 relative = blob.name[len(split_uri(root.remote)[1]):].lstrip("/")
-                if self._wanted_for_restore(root, relative):
+                if mirrored_files.wanted_for_restore(root.local, relative, self._locals):
                     retry_transient(lambda: self._download(blob, os.path.join(root.local, relative)),
                                     f"{root.remote}: downloading {relative}", self.retry_seconds)
-
-    def _wanted_for_restore(self, root: Root, relative: str) -> bool:
-        """Top-level JSON and checkpoint state, and every kept checkpoint (not just the newest, so that a damaged
-        one can be skipped for an older one: see checkpoints.CheckpointStore.restore_latest)."""
-        if "/" in relative or self._nested_root_for(root, relative) is not None:
-            return False
-        return relative.endswith((".json", CHECKPOINT_STATE)) or re.match(r"ckpt-\d+\.(index|data-)", relative)
-
-    def _latest_checkpoint(self, root: Root) -> str | None:
-        state = os.path.join(root.local, CHECKPOINT_STATE)
-        if not os.path.exists(state):
-            return None
-        match = re.search(r'^model_checkpoint_path: "([^"]+)"', open(state).read(), re.M)
-        return match.group(1) if match else None
-
-    def _nested_root_for(self, root: Root, relative: str) -> Root | None:
-        """The root inside `root` that owns this file, if any (it is then mirrored by that root)."""
-        path = os.path.join(root.local, relative)
-        inner = [other for other in self.roots if other.local.startswith(root.local.rstrip("/") + "/")]
-        return next((other for other in inner if path.startswith(other.local.rstrip("/") + "/")), None)
 
     def _list(self, root: Root):
         bucket, prefix = split_uri(root.remote)
@@ -243,7 +221,7 @@ class Mirror:
         """Sends every new or changed file, then deletes remote checkpoints that were dropped locally."""
         sent = 0
         for root in self.roots:
-            for path in self._local_files(root):
+            for path in mirrored_files.files_to_send(root.local, self._locals):
                 try:
                     stat = os.stat(path)
                 except FileNotFoundError:  # A checkpoint the manager dropped while this pass ran.
@@ -251,50 +229,22 @@ class Mirror:
                 if self._synced.get(path) == (stat.st_size, stat.st_mtime_ns):
                     continue
                 relative = os.path.relpath(path, root.local).replace(os.sep, "/")
-                self._upload_verified(path, posixpath.join(root.remote, relative))
+                uri = posixpath.join(root.remote, relative)
+                upload_verified(lambda: self._blob(uri), path, uri, client_retry(self.retry_seconds))
                 self._synced[path] = (stat.st_size, stat.st_mtime_ns)
                 sent += 1
             self._delete_dropped_checkpoints(root)
         if sent:
             logging.info("Mirrored %d file(s) to %s.", sent, ", ".join(root.remote for root in self.roots))
 
-    def _upload_verified(self, path: str, uri: str) -> None:
-        """Uploads one file, sending it again once if its CRC32C does not match on arrival."""
-        from google.cloud.storage.exceptions import DataCorruption
-
-        for attempt in range(1, UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH + 1):
-            try:
-                _send_file(self._blob(uri), path, client_retry(self.retry_seconds))
-                return
-            except DataCorruption as error:
-                if attempt == UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH:
-                    raise TrainingError(f"{uri}: the upload of {path} failed its CRC32C check {attempt} times, so "
-                                        f"data is damaged on its way to Cloud Storage ({one_line(error, 160)}).") \
-                        from error
-                logging.warning("%s: CRC32C mismatch after the upload; sending it again.", uri)
-
-    def _local_files(self, root: Root) -> list[str]:
-        """The root's files to mirror, SENT_LAST files at the end."""
-        found = []
-        for directory, subdirectories, files in os.walk(root.local):
-            for name in sorted(files):
-                path = os.path.join(directory, name)
-                relative = os.path.relpath(path, root.local).replace(os.sep, "/")
-                if not SKIPPED.search(relative) and self._nested_root_for(root, relative) is None:
-                    found.append(path)
-        return sorted(found, key=lambda path: os.path.basename(path) in SENT_LAST)
-
     def _delete_dropped_checkpoints(self, root: Root) -> None:
-        state = os.path.join(root.local, CHECKPOINT_STATE)
-        if not os.path.exists(state):
+        kept = mirrored_files.kept_checkpoints(root.local)
+        if kept is None:
             return
-        kept = set(re.findall(r'^all_model_checkpoint_paths: "([^"]+)"', open(state).read(), re.M))
-        kept.add(self._latest_checkpoint(root))
         _, prefix = split_uri(root.remote)
         for blob in self._list(root):
             relative = blob.name[len(prefix):].lstrip("/")
-            match = re.match(r"(ckpt-\d+)\.", relative)
-            if match and "/" not in relative and match.group(1) not in kept:
+            if mirrored_files.is_dropped_checkpoint(relative, kept):
                 blob.delete()
                 self._synced.pop(os.path.join(root.local, relative), None)
 
@@ -377,6 +327,23 @@ class BackgroundUploader:
             with self._guard:
                 if not self._wanted.is_set():
                     self._idle.set()
+
+
+def upload_verified(new_blob, path: str, uri: str, retry) -> None:
+    """Uploads one file to a blob that new_blob() makes afresh for each attempt, sending it again once if its
+    CRC32C does not match on arrival."""
+    from google.cloud.storage.exceptions import DataCorruption
+
+    for attempt in range(1, UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH + 1):
+        try:
+            _send_file(new_blob(), path, retry)
+            return
+        except DataCorruption as error:
+            if attempt == UPLOAD_ATTEMPTS_AFTER_CHECKSUM_MISMATCH:
+                raise TrainingError(f"{uri}: the upload of {path} failed its CRC32C check {attempt} times, so "
+                                    f"data is damaged on its way to Cloud Storage ({one_line(error, 160)}).") \
+                    from error
+            logging.warning("%s: CRC32C mismatch after the upload; sending it again.", uri)
 
 
 def _send_file(blob, path: str, retry) -> None:

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import tempfile
 import time
 
 from absl import logging
@@ -16,7 +15,6 @@ from trainer import cli
 from trainer import data
 from trainer import distribution
 from trainer import early_stopping
-from trainer import export
 from trainer import folder_dataset
 from trainer import gcs
 from trainer import hypertune
@@ -32,6 +30,7 @@ from trainer.errors import ClusterError
 from trainer.errors import UsageError
 from trainer.errors import one_line
 from trainer.run_directory import RunDirectory
+from trainer.run_outputs import RunOutputs
 from trainer.steps import Phase
 from trainer.steps import Steps
 from trainer.steps import check_batch_size
@@ -130,11 +129,11 @@ def build_steps(config: Config, strategy: tf.distribute.Strategy, precision: str
 
 
 class Trainer:
-    """Drives a run's phases and epochs over its Steps: checkpoints, early stopping, progress, summaries, and
-    every output of the run. `run` resumes from the newest checkpoint in the run's directory."""
+    """Drives a run's phases and epochs over its Steps: checkpoints, early stopping, progress and the per-call
+    summaries; RunOutputs writes the rest. `run` resumes from the newest checkpoint in the run's directory."""
 
     def __init__(self, steps: Steps, paths: storage.RunPaths, chief: bool, uploader: gcs.BackgroundUploader = None):
-        self.steps, self.paths, self.chief, self.uploader = steps, paths, chief, uploader
+        self.steps, self.paths, self.chief = steps, paths, chief
         self.config = steps.config
         self.state = checkpoints.TrainingState()
         self.early_stopping = early_stopping.EarlyStopping(
@@ -144,6 +143,7 @@ class Trainer:
             is_chief=chief, task_id=distribution.task_id(steps.strategy),
             after_save=uploader.request if uploader is not None else None)
         self.summaries = summaries.Summaries(paths.log_dir, enabled=chief)
+        self.outputs = RunOutputs(steps, paths, chief, self.summaries, uploader)
         self.progress = progress.Progress(self.config.total_epochs, steps.steps_per_epoch)
         self.throughput = reports.Throughput()
         self.started = time.monotonic()
@@ -154,16 +154,11 @@ class Trainer:
         self.store.restore_latest()
         state, config = self.state, self.config
         if int(state.epoch.numpy()) >= config.total_epochs:
-            finished = self._finished_outputs()
+            finished = self.outputs.finished(state)
             if finished is not None:
-                logging.info("The run in %s already finished %d epochs; nothing to do.",
-                             self.paths.model_dir, finished["epochs_completed"])
                 return finished
-            logging.info("The run in %s trained all its epochs, but its outputs are not from its last checkpoint (step "
-                         "%d); completing the final evaluation, export and metrics from it.", self.paths.model_dir,
-                         int(state.global_step.numpy()))
         else:
-            self._start_summaries()
+            self.outputs.start(state)
             guard = checkpoints.PreemptionGuard(self.steps.strategy, self.store)
             sigterm = cli.note_sigterm()  # Wraps the guard's handler.
             try:
@@ -179,34 +174,6 @@ class Trainer:
                                 "checkpointed (step %d), so the run goes on to its final evaluation and export, then "
                                 "exits 0.", int(state.global_step.numpy()))
         return self.finish()
-
-    def _finished_outputs(self) -> dict | None:
-        """metrics.json when it was written from the checkpoint just restored, else None.
-
-        The run is finished when its outputs are: a job killed between its last checkpoint and the end of `finish`
-        leaves the outputs of an earlier session (or none), which must not pass for the final ones. metrics.json
-        is written last, after the export, and names the checkpoint step it came from.
-        """
-        try:
-            finished = storage.read_json(self.paths.metrics_file)
-        except UsageError as error:
-            logging.warning("%s Writing it again.", error)
-            return None
-        if finished is None:
-            return None
-        history = self.state.history
-        if "checkpoint_step" in finished:  # Older runs' metrics.json lack it; their epoch count must do.
-            if finished["checkpoint_step"] != int(self.state.global_step.numpy()):
-                return None
-        return finished if finished.get("epochs_completed") == len(history) else None
-
-    def _start_summaries(self) -> None:
-        step, config = int(self.state.global_step.numpy()), self.config
-        self.summaries.text("train", step, "flags", summaries.flags_markdown(config.to_dict()))
-        if step == 0 and self.chief:
-            self.summaries.hparams(config.to_dict(), run_name=os.path.basename(config.model_dir.rstrip("/")))
-            self.summaries.image_grid("train", 0, "augmented_inputs", self.steps.augmented_sample(),
-                                      "Training images as the first step's on-device augmentation shows them.")
 
     def train_phase(self, phase: Phase, guard: checkpoints.PreemptionGuard) -> None:
         """Trains the rest of `phase`, from the epoch and step the state is at."""
@@ -292,65 +259,12 @@ class Trainer:
         if self.chief:
             hypertune.report_epoch(metrics, step)
         self.store.save(step)
-        self.summaries.scalars("train", step, {
-            "accuracy": metrics["train_accuracy"], "epoch_loss": metrics["train_loss"],
-            "epoch_images_per_second": images_per_second, "epoch_seconds": train_seconds})
-        self.summaries.scalars("eval", step, {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
-        # Reading the counts is a collective under MultiWorkerMirroredStrategy: every worker reads.
-        confusion = steps.confusion_matrix()
-        if self.chief:
-            self.summaries.png("eval", step, "confusion_matrix", self._confusion_png(confusion, f"epoch {epoch + 1}"))
-        self.summaries.flush()
+        self.outputs.epoch_summaries(step, epoch, metrics, images_per_second, train_seconds)
         self.progress.end_epoch(epoch, {**metrics, "images_per_second": images_per_second},
                                 self.config.total_epochs - int(state.epoch.numpy()))
-        if self.chief:
-            with storage.disk_space_guard("history.png", self.paths.model_dir,
-                                          leftovers=os.path.join(self.paths.model_dir, ".tmp-*")):
-                reports.plot_history(self.paths.history_plot, state.history, self._title())
-
-    def _confusion_png(self, confusion: np.ndarray, when: str) -> bytes:
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "confusion.png")
-            reports.plot_confusion_matrix(path, confusion, self.steps.info.class_names,
-                                          f"{self._title()}, {self.config.eval_split}, {when}")
-            with open(path, "rb") as file:
-                return file.read()
-
-    def _title(self) -> str:
-        return f"{self.config.model} on {self.steps.info.name}"
+        self.outputs.plot_history(state.history)
 
     def finish(self) -> dict:
-        """The run's end: the best weights back, the final evaluation, the export, metrics.json and charts."""
-        steps, state, config = self.steps, self.state, self.config
+        """The run's end: the best weights back, then the final evaluation, the export, metrics.json and charts."""
         self.early_stopping.restore_best_weights()
-        final = steps.evaluate(final=True)
-        confusion = steps.confusion_matrix()  # A collective: before the workers part ways below.
-        fingerprint = steps.weights_fingerprint()
-        logging.info("Final weights fingerprint %s.", fingerprint)
-        export_dir = self.paths.export_dir if self.chief else f"{self.paths.export_dir}.worker-temp"
-        # export_model stages the SavedModel in export.partial and swaps it in whole; a full disk leaves the
-        # staging folder, which goes, and the previous export, which stays.
-        with storage.disk_space_guard("the export", self.paths.model_dir, leftovers=f"{export_dir}.partial"):
-            with steps.evaluation_weights():
-                export.export_model(steps.model, steps.info.image_shape, steps.info.class_names, export_dir,
-                                    tta=config.tta, tta_translate=config.tta_translate)
-        if not self.chief:
-            tf.io.gfile.rmtree(export_dir)
-            return {}
-        metrics = reports.run_metrics(config, steps, state, final, fingerprint=fingerprint, throughput=self.throughput,
-                                      session_seconds=time.monotonic() - self.started)
-        step = int(state.global_step.numpy())
-        with storage.disk_space_guard("metrics.json and the charts", self.paths.model_dir,
-                                      leftovers=os.path.join(self.paths.model_dir, ".tmp-*")):
-            reports.plot_history(self.paths.history_plot, metrics["history"], self._title())
-            self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
-                                                 "test_loss": metrics["test_loss"]})
-            self.summaries.png("eval", step, "final_confusion_matrix", self._confusion_png(confusion, "final"))
-            self.summaries.flush()
-            # Last: metrics.json is what marks the run finished (see _finished_outputs).
-            reports.write_metrics(self.paths.metrics_file, metrics)
-        if self.uploader is not None:
-            self.uploader.finish()
-        logging.info("Test accuracy %.4f, loss %.4f on %s. Outputs in %s.", metrics["test_accuracy"],
-                     metrics["test_loss"], config.eval_split, config.model_dir)
-        return metrics
+        return self.outputs.write_final(self.state, self.throughput, self.started)
