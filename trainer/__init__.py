@@ -28,7 +28,6 @@ Code map, in the order a run meets it, from `python -m trainer.task` to the expo
   layers.py          layers the networks share: in-model preprocessing, inference-mode sub-models
   network.py         what a model builder returns (Network) and weight-file loading
   augment.py         on-device augmentation and mixing, with stateless seeds
-  class_weights.py   --class_weight: per-class loss weights, balanced from the training split's counts or given
   optimization.py    optimizers, schedules, clipping, weight averaging, Lookahead
   class_weights.py   --class_weight: per-class loss weights, 'balanced' from the class counts or by class name
   model_state.py     the training state: model, phases' optimizers, weight average, Lookahead, train metrics
