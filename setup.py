@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Distributed, accelerated image-classifier training job (Keras 3 + tf.distribute + TFDS).",
     packages=setuptools.find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
-    package_data={"launch": ["cloudbuild.yaml"], "trainer": ["static/*"]},
+    package_data={"launch": ["cloudbuild.yaml"], "trainer.serving": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",

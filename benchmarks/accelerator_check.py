@@ -31,11 +31,11 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks import readme  # noqa: E402
 from benchmarks.synthetic import synthetic_iterator  # noqa: E402
-from trainer import accelerators  # noqa: E402
+from trainer.training import accelerators  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
-from trainer import distribution  # noqa: E402
-from trainer import train  # noqa: E402
+from trainer.training import distribution  # noqa: E402
+from trainer.training import train  # noqa: E402
 
 USAGE = __doc__
 FLAGS = cli.flag_registry()

@@ -16,8 +16,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from benchmarks.synthetic import synthetic_iterator
-from trainer import data
-from trainer import folder_dataset
+from trainer.training import data
+from trainer.training import folder_dataset
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The section's flags, in benchmarks/run.py's own registry."""

@@ -8,10 +8,10 @@ from benchmarks import parity_forms as forms
 from benchmarks import parity_ours as ours
 from benchmarks.parity_forms import Check
 from benchmarks.parity_forms import compare
-from trainer import airbench
-from trainer import distribution
-from trainer import models
-from trainer import optimization
+from trainer.training import airbench
+from trainer.training import distribution
+from trainer.training import models
+from trainer.training import optimization
 
 WHITENING_SAMPLE = 500
 KINDS = ("conv and head kernels", "BatchNorm biases", "whitening bias")

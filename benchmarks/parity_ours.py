@@ -8,11 +8,11 @@ import tensorflow as tf
 from benchmarks import parity_forms as forms
 from benchmarks.parity_forms import Check
 from benchmarks.parity_forms import compare
-from trainer import airbench
+from trainer.training import airbench
 from trainer import config as config_lib
-from trainer import distribution
-from trainer import optimization
-from trainer import train
+from trainer.training import distribution
+from trainer.training import optimization
+from trainer.training import train
 
 # Relative tolerances for float32 against float32: different convolution algorithms and summation orders
 # leave differences of a few float32 ulps per layer, which grow through 10 layers and BatchNorm's division.

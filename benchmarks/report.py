@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # Run as a script, it finds its sibling modules as the benchmarks package.
 
 from benchmarks import readme  # noqa: E402
-from trainer import models  # noqa: E402
-from trainer import progress  # noqa: E402
+from trainer.training import models  # noqa: E402
+from trainer.training import progress  # noqa: E402
 from trainer import recipes  # noqa: E402
 
 FAST_CHART = "benchmarks/fast.png"

@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from trainer import cli  # noqa: E402
-from trainer import data  # noqa: E402
-from trainer import distribution  # noqa: E402
-from trainer import train  # noqa: E402
-from trainer.steps import Steps  # noqa: E402
+from trainer.training import data  # noqa: E402
+from trainer.training import distribution  # noqa: E402
+from trainer.training import train  # noqa: E402
+from trainer.training.steps import Steps  # noqa: E402
 
 from benchmarks import folder  # noqa: E402
 from benchmarks import report  # noqa: E402

@@ -7,8 +7,8 @@ from absl import flags
 
 from trainer import cli
 from trainer import config as config_lib
-from trainer import image_folder
-from trainer import serve_settings
+from trainer.training import image_folder
+from trainer.serving import serve_settings
 from trainer.errors import UsageError
 
 # A weights file is read where the trainer runs (inside the image); on this machine it need not exist.

@@ -35,7 +35,7 @@ from launch import cloud
 from launch import gke_jobset
 from launch import gke_serve
 from trainer import cli
-from trainer import run_lock
+from trainer.training import run_lock
 
 CONTAINER = "trainer"
 SHARED_MEMORY = "dshm"
@@ -147,7 +147,7 @@ def container(job_name: str, trainer_args: list[str], environment: dict[str, str
         env["WORKER_HOSTS"] = worker_hosts(job_name, FLAGS.workers, FLAGS.port)
     env.update(environment)
     variables = [{"name": name, "value": value} for name, value in env.items()]
-    # The run lock lets a later attempt of this same job take over its lock (trainer/run_lock.py): the JobSet's
+    # The run lock lets a later attempt of this same job take over its lock (trainer/training/run_lock.py): the JobSet's
     # uid outlives its restarts, the Job's its pods' retries; Kubernetes sets both as labels on the pods.
     job_label = gke_jobset.UID_LABEL if FLAGS.api == "jobset" else JOB_UID_LABEL
     variables.append({"name": run_lock.KUBERNETES_JOB_UID, "valueFrom": {"fieldRef": {

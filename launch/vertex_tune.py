@@ -6,8 +6,8 @@
 
 Each trial runs the CustomJob that `python -m launch.vertex` would submit with the same flags, plus the trial's
 values as trainer flags (--learning_rate=0.0031 ...). The trainer reports its eval metrics at the end of every
-epoch in the file Vertex AI reads (trainer/hypertune.py); --metric picks the one the study optimises. Each trial
-writes under OUTPUT_DIR/JOB_NAME/TRIAL_ID. --parameter takes NAME:TYPE:VALUES, NAME a trainer flag:
+epoch in the file Vertex AI reads (trainer/training/hypertune.py); --metric picks the one the study optimises.
+Each trial writes under OUTPUT_DIR/JOB_NAME/TRIAL_ID. --parameter takes NAME:TYPE:VALUES, NAME a trainer flag:
 - NAME:linear|log|reverse_log:MIN:MAX, a range (whole numbers for an integer flag);
 - NAME:discrete:V1,V2,... numbers, NAME:categorical:A,B,... words.
 """
@@ -23,7 +23,7 @@ from launch import cloud
 from launch import forwarded_flags
 from trainer import cli
 from trainer import config as config_lib
-from trainer import hypertune
+from trainer.training import hypertune
 from trainer.errors import UsageError
 
 SUBCOMMAND = "tune"

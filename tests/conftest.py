@@ -28,7 +28,7 @@ def _stderr_discarded():
 
 
 with _stderr_discarded():
-    from trainer import distribution
+    from trainer.training import distribution
 
     # Two logical CPU devices, so MirroredStrategy can be compared with the default strategy. This
     # must happen before TensorFlow initialises its devices, hence at import time.
@@ -91,7 +91,7 @@ def tiny_run(cifar_dir, tmp_path_factory):
     """One finished cnn run of a few steps on real CIFAR-10 slices, shared by the tests that read runs:
     (its model_dir, its metrics). Tests may add files to it but must not change what the run wrote."""
     from helpers import make_config
-    from trainer import train
+    from trainer.training import train
 
     model_dir = tmp_path_factory.mktemp("tiny-run") / "run"
     return model_dir, train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4))

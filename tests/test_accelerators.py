@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from helpers import ROOT
 from helpers import fails_in_process
-from trainer import accelerators
+from trainer.training import accelerators
 from trainer import config as config_lib
 from trainer import task
 from trainer.errors import UsageError

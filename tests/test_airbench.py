@@ -5,10 +5,10 @@ import numpy as np
 import tensorflow as tf
 
 from helpers import make_config
-from trainer import airbench
-from trainer import data
-from trainer import distribution
-from trainer import train
+from trainer.training import airbench
+from trainer.training import data
+from trainer.training import distribution
+from trainer.training import train
 
 
 def build(image_shape=(32, 32, 3), weights="none"):

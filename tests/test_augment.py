@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import augment
+from trainer.training import augment
 
 
 def ramp_images(batch=16, size=8):

@@ -3,7 +3,7 @@
 import pytest
 import tensorflow as tf
 
-from trainer import checkpoints
+from trainer.training import checkpoints
 from trainer.errors import UsageError
 
 
@@ -46,12 +46,12 @@ def test_the_results_tools_read_a_checkpoint_written_before_random_states(tiny_s
     ends on its best epoch's weights, which the checkpoint's training state names."""
     import numpy as np
 
-    from trainer import checkpoint_schema
+    from trainer.training import checkpoint_schema
     from trainer import config as config_lib
-    from trainer import early_stopping
-    from trainer import models
-    from trainer import runs
-    from trainer import storage
+    from trainer.training import early_stopping
+    from trainer.training import models
+    from trainer.results import runs
+    from trainer.training import storage
 
     config = config_lib.build_config(model="cnn", dataset="tiny_shapes", data_dir=tiny_shapes_dir, precision="float32",
                                      model_dir=str(tmp_path))

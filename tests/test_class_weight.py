@@ -8,11 +8,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from helpers import fails_in_process, make_config, tiny_flags
-from trainer import class_weights
-from trainer import data
-from trainer import evaluate
+from trainer.training import class_weights
+from trainer.training import data
+from trainer.results import evaluate
 from trainer import task
-from trainer import train
+from trainer.training import train
 from trainer.errors import UsageError
 
 # 20 training images of the minority class against 400 of the majority: 20:1.

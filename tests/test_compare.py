@@ -11,9 +11,9 @@ import tensorflow as tf
 from PIL import Image
 
 from helpers import make_config, run_in_process, run_with_read_only, single_error_line
-from trainer import compare
-from trainer import progress
-from trainer import train
+from trainer.results import compare
+from trainer.training import progress
+from trainer.training import train
 
 
 @pytest.fixture(scope="module")

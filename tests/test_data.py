@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import fails_in_process
-from trainer import data
+from trainer.training import data
 from trainer import task
 from trainer.errors import UsageError
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import ROOT, make_config
-from trainer import distribution
+from trainer.training import distribution
 from trainer.errors import Failure
 
 IMPLEMENTATION = tf.distribute.experimental.CommunicationImplementation
@@ -22,7 +22,8 @@ IMPLEMENTATION = tf.distribute.experimental.CommunicationImplementation
 # tests' strategies must not inherit. Prints what the strategy will all-reduce with.
 STRATEGY_OPTIONS_SCRIPT = """
 import json
-from trainer import config, distribution
+from trainer import config
+from trainer.training import distribution
 built = {}
 for name in ("auto", "ring", "nccl"):
     strategy = distribution.create_strategy(config.build_config(

@@ -12,8 +12,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from helpers import make_config, run_in_process, run_with_read_only, single_error_line
-from trainer import evaluate
-from trainer import train
+from trainer.results import evaluate
+from trainer.training import train
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from PIL import Image
 
 from helpers import run_in_process
 from test_serve import served_run  # noqa: F401  (the session's one trained run, shared with the server tests)
-from trainer import graph_images
-from trainer import predict
+from trainer.training import graph_images
+from trainer.results import predict
 
 
 def save(path, pixels, **options):

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import make_config
-from trainer import augment
-from trainer import train
+from trainer.training import augment
+from trainer.training import train
 from trainer.errors import UsageError
 
 COMMON = dict(model="resnet50", weights="none", image_size=32, batch_size=32, train_split="train[:128]",

@@ -11,10 +11,10 @@ import tensorflow as tf
 from helpers import ROOT, make_config
 from trainer import cli
 from trainer import config as config_lib
-from trainer import models
-from trainer import optimization
+from trainer.training import models
+from trainer.training import optimization
 from trainer import recipes
-from trainer import train
+from trainer.training import train
 
 
 def learning_rates(decay, warmup=0, total=100, peak=1.0):
@@ -226,7 +226,7 @@ def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(
 
 
 def test_final_evaluation_and_export_agree_on_translate_tta(cifar_dir, tmp_path):
-    from trainer import data
+    from trainer.training import data
 
     metrics = train.run(make_config(cifar_dir, tmp_path, steps_per_epoch=4, tta=True, tta_translate=1))
     export = tf.saved_model.load(str(tmp_path / "export"))

@@ -10,7 +10,7 @@ import image_folders
 from helpers import make_config
 from test_multiworker import Launch
 from test_train import run_stopped_then_rerun
-from trainer import train
+from trainer.training import train
 
 
 @pytest.fixture(scope="module")

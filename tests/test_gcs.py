@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from helpers import bucket_files, make_config, run_task, single_error_line, start_task
-from trainer import gcs
-from trainer import storage
-from trainer import train
+from trainer.training import gcs
+from trainer.training import storage
+from trainer.training import train
 from trainer.errors import TrainingError
 from trainer.errors import UsageError
 
@@ -63,7 +63,7 @@ def test_missing_bucket_fails_in_one_line_before_training(cifar_dir, gcs_bucket,
 
 
 def test_results_tools_read_and_write_a_gs_run(cifar_dir, gcs_bucket):
-    from trainer import evaluate
+    from trainer.results import evaluate
 
     model_dir = f"gs://{gcs_bucket}/runs/evaluated"
     metrics = train.run(make_config(cifar_dir, model_dir, steps_per_epoch=2, epochs=1))

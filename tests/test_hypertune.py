@@ -5,8 +5,8 @@ import json
 import pytest
 
 from helpers import make_config
-from trainer import hypertune
-from trainer import train
+from trainer.training import hypertune
+from trainer.training import train
 
 
 def entries(path) -> list[dict]:

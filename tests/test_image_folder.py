@@ -10,9 +10,9 @@ import tensorflow_datasets as tfds
 
 import image_folders
 from image_folders import CLASSES
-from trainer import data
-from trainer import folder_dataset
-from trainer import image_folder
+from trainer.training import data
+from trainer.training import folder_dataset
+from trainer.training import image_folder
 from trainer.errors import UsageError
 
 
@@ -181,8 +181,8 @@ def test_a_bucket_folder_without_permission_is_refused_in_one_line(monkeypatch, 
 def test_a_run_on_a_folder_carries_its_class_names_to_the_export_metrics_and_evaluation(pets, tmp_path):
     from helpers import read_metrics
     from trainer import config as config_lib
-    from trainer import evaluate
-    from trainer import train
+    from trainer.results import evaluate
+    from trainer.training import train
 
     model_dir = tmp_path / "run"
     config = config_lib.build_config(dataset=str(pets), data_dir=str(tmp_path / "tfds"), model_dir=str(model_dir),

@@ -11,8 +11,8 @@ from helpers import run_task
 from helpers import single_error_line
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
-from trainer import distribution
-from trainer import run_lock
+from trainer.training import distribution
+from trainer.training import run_lock
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
 TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-tpu"

@@ -11,7 +11,7 @@ import pytest
 
 import kubernetes_api
 from helpers import run_task
-from trainer import distribution
+from trainer.training import distribution
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
 BASE = [f"--image={IMAGE}", "--output_dir=gs://my-bucket/runs", "--job_name=cifar-test"]

@@ -16,7 +16,7 @@ from launch_fakes import GCLOUD_UNKNOWN_FIELDS
 from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 import vertex_api
-from trainer import distribution
+from trainer.training import distribution
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
 TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-tpu"

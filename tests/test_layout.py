@@ -8,6 +8,16 @@ import pathlib
 from helpers import ROOT
 
 PACKAGES = ("trainer", "launch")
+# trainer's three concerns, one subpackage each; its entry points and shared declarations stay at the top.
+SUBPACKAGES = ("training", "results", "serving")
+ENTRY_POINTS = ("task", "evaluate", "predict", "compare", "serve")
+
+
+def module_files(package: str) -> list[tuple[str, pathlib.Path]]:
+    """(dotted module name, file) for every module of a top-level package, its subpackages included."""
+    root = ROOT / package
+    return [(".".join((package, *path.relative_to(root).with_suffix("").parts)), path)
+            for path in sorted(root.rglob("*.py")) if path.stem != "__init__" and "static" not in path.parts]
 
 
 def project_imports(path: pathlib.Path) -> set[str]:
@@ -17,17 +27,16 @@ def project_imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in PACKAGES:
+            if node.module in PACKAGES or node.module in {f"trainer.{sub}" for sub in SUBPACKAGES}:
                 imported.update(f"{node.module}.{alias.name}" for alias in node.names)
             else:
                 imported.add(node.module)
-    modules = {f"{package}.{file.stem}" for package in PACKAGES for file in (ROOT / package).glob("*.py")}
+    modules = {name for package in PACKAGES for name, _ in module_files(package)}
     return {name for name in imported if name in modules}
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {f"{package}.{file.stem}": project_imports(file)
-            for package in PACKAGES for file in sorted((ROOT / package).glob("*.py")) if file.stem != "__init__"}
+    return {name: project_imports(file) for package in PACKAGES for name, file in module_files(package)}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -70,8 +79,7 @@ SHARED_REGISTRIES = {"launch.vertex_tune": "`launch.vertex tune`: each trial is 
 
 def own_modules() -> list[str]:
     """Every module of trainer/, launch/ and benchmarks/ (as the benchmarks package, which they import as)."""
-    return [f"{package}.{file.stem}" for package in (*PACKAGES, "benchmarks")
-            for file in sorted((ROOT / package).glob("*.py")) if file.stem != "__init__"]
+    return [name for package in (*PACKAGES, "benchmarks") for name, _ in module_files(package)]
 
 
 def entry_points() -> list[str]:
@@ -124,9 +132,29 @@ def test_the_package_docstring_maps_every_module():
     import trainer
 
     code_map = trainer.__doc__
-    missing = [file.stem for file in (ROOT / "trainer").glob("*.py")
-               if file.stem != "__init__" and f"{file.stem}.py" not in code_map]
+    missing = [str(path.relative_to(ROOT / "trainer")) for _, path in module_files("trainer")
+               if f" {path.relative_to(ROOT / 'trainer')} " not in code_map]
     assert not missing, f"trainer/__init__.py's code map does not name {missing}"
+
+
+def test_trainer_keeps_its_three_concerns_in_subpackages_and_only_entry_points_and_declarations_on_top():
+    top = sorted(path.stem for path in (ROOT / "trainer").glob("*.py") if path.stem != "__init__")
+    assert set(top) <= {*ENTRY_POINTS, "cli", "errors", "config", "recipes", "image_files", "display_text"}, top
+    for sub in SUBPACKAGES:
+        assert (ROOT / "trainer" / sub / "__init__.py").is_file(), sub
+    assert (ROOT / "trainer" / "serving" / "static" / "index.html").is_file()
+
+
+def test_the_tools_entry_points_hold_no_library_code():
+    """`python -m trainer.evaluate` and the like only start their subpackage's module: code that other modules use
+    lives there (trainer.task, which turns flags into a Config and calls the trainer, is the one entry point with a
+    function of its own)."""
+    for name in ENTRY_POINTS:
+        if name == "task":
+            continue
+        tree = ast.parse((ROOT / "trainer" / f"{name}.py").read_text())
+        kinds = {type(node).__name__ for node in tree.body} - {"Import", "ImportFrom", "Expr", "If"}
+        assert not kinds, f"trainer/{name}.py defines {kinds}: move it to its subpackage"
 
 
 # Classes still over the limit, and why; the list may only shrink.
@@ -138,7 +166,7 @@ LONG_CLASSES = {
 
 def test_no_class_of_trainer_or_launch_is_over_150_lines():
     long_classes = {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
-                    for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))
+                    for package in PACKAGES for _, path in module_files(package)
                     for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
                     and node.end_lineno - node.lineno + 1 > 150}
     new = {name: lines for name, lines in long_classes.items() if name not in LONG_CLASSES}
@@ -148,14 +176,14 @@ def test_no_class_of_trainer_or_launch_is_over_150_lines():
 
 def test_no_module_reads_a_checkpoint_by_its_internal_names():
     """A checkpoint's entries come from checkpoint_schema.checkpoint_objects, for writers and readers alike."""
-    readers = [str(path.relative_to(ROOT)) for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))
+    readers = [str(path.relative_to(ROOT)) for package in PACKAGES for _, path in module_files(package)
                if ".ATTRIBUTES" in path.read_text() or "VARIABLE_VALUE" in path.read_text()]
     assert not readers, readers
 
 
 def test_no_model_name_rules_outside_the_model_specs():
-    """Each network's differences live in its trainer/model_specs.py entry, not in rules on its name."""
-    rules = [f"{path.relative_to(ROOT)}:{number}" for path in sorted((ROOT / "trainer").glob("*.py"))
+    """Each network's differences live in its trainer/training/model_specs.py entry, not in rules on its name."""
+    rules = [f"{path.relative_to(ROOT)}:{number}" for _, path in module_files("trainer")
              for number, line in enumerate(path.read_text().splitlines(), start=1)
              if "model ==" in line or "model !=" in line or '["model"] ==' in line]
     assert not rules, rules

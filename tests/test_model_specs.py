@@ -9,9 +9,9 @@ import pytest
 from helpers import ROOT
 from helpers import make_config
 from trainer import config as config_lib
-from trainer import model_specs
-from trainer import models
-from trainer import train
+from trainer.training import model_specs
+from trainer.training import models
+from trainer.training import train
 
 
 def test_the_specs_load_without_tensorflow():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import distribution
-from trainer import layers
-from trainer import models
+from trainer.training import distribution
+from trainer.training import layers
+from trainer.training import models
 from trainer.errors import UsageError
 
 

@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from benchmarks import reliability
 from helpers import ROOT, make_config, read_metrics, single_error_line, start_task, tiny_flags
-from trainer import distribution
-from trainer import train
+from trainer.training import distribution
+from trainer.training import train
 from trainer.errors import UsageError
 
 # Deterministic flags: no dropout or augmentation (their draws are per replica), plain SGD.

@@ -5,7 +5,7 @@ import math
 import keras
 import numpy as np
 
-from trainer import optimization
+from trainer.training import optimization
 
 
 def test_onecycle_from_and_to_fractions_of_the_peak():

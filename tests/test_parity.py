@@ -9,9 +9,9 @@ import tensorflow as tf
 from benchmarks import parity_checks
 from benchmarks import parity_forms as forms
 from benchmarks import parity_ours as ours
-from trainer import airbench
-from trainer import models
-from trainer import optimization
+from trainer.training import airbench
+from trainer.training import models
+from trainer.training import optimization
 
 
 def test_reference_schedule_closed_form():

@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from helpers import ROOT, run_in_process, run_task
-from trainer import predict
+from trainer.results import predict
 
 
 @pytest.fixture(scope="module")

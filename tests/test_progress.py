@@ -4,7 +4,7 @@ import io
 
 from absl import logging
 
-from trainer import progress
+from trainer.training import progress
 
 
 class Terminal(io.StringIO):

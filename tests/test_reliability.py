@@ -21,14 +21,14 @@ import pytest
 import tensorflow as tf
 
 from helpers import fails_in_process, make_config, read_metrics, run_in_process, start_task
-from trainer import checkpoints
-from trainer import compare
-from trainer import export
-from trainer import gcs
-from trainer import reports
-from trainer import storage
+from trainer.training import checkpoints
+from trainer.results import compare
+from trainer.training import export
+from trainer.training import gcs
+from trainer.results import reports
+from trainer.training import storage
 from trainer import task
-from trainer import train
+from trainer.training import train
 from trainer.errors import Failure
 from trainer.errors import UsageError
 
@@ -392,7 +392,7 @@ def test_uploads_ride_out_an_outage_and_give_up_after_the_retry_time_in_one_line
 def test_predict_survives_odd_file_names_fifos_and_pixel_bombs(runs, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    from trainer import predict
+    from trainer.results import predict
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -4,9 +4,9 @@ import pytest
 
 from helpers import bucket_files
 from trainer import config as config_lib
-from trainer import run_lock
+from trainer.training import run_lock
 from trainer.errors import UsageError
-from trainer.run_directory import RunDirectory
+from trainer.training.run_directory import RunDirectory
 
 
 def test_a_second_launch_on_a_held_gs_run_leaves_the_first_ones_working_copy_alone(gcs_bucket):

@@ -11,14 +11,14 @@ import time
 import pytest
 
 from helpers import ROOT, fails_in_process
-from trainer import gcs
-from trainer import run_lock
+from trainer.training import gcs
+from trainer.training import run_lock
 from trainer import task
 from trainer.errors import UsageError
 
 HOLD_LOCK = """
 import sys, time
-from trainer import run_lock
+from trainer.training import run_lock
 lock = run_lock.LocalLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

@@ -26,8 +26,8 @@ from benchmarks.serving import ServerProcess
 from helpers import fails_in_process
 from helpers import make_config
 from helpers import run_in_process
-from trainer import predict
-from trainer import serve
+from trainer.results import predict
+from trainer.serving import serve
 
 VERTEX_PREDICT = "/v1/endpoints/1234/deployedModels/5678:predict"
 VERTEX_HEALTH = "/v1/endpoints/1234/deployedModels/5678"
@@ -41,7 +41,7 @@ def train_served_run(tmp_path_factory, cifar_dir) -> pathlib.Path:
     pytest-xdist's workers each have a temporary directory below a shared one: the run goes there, trained by
     the first worker while the others wait on a lock.
     """
-    from trainer import train
+    from trainer.training import train
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -335,9 +335,9 @@ def test_health_says_not_ready_until_the_model_is_loaded(served_run):
     """The server answers at once; until its model is loaded the health route and predictions say 503."""
     import uvicorn
 
-    from trainer import prediction_requests
-    from trainer import served_model
-    from trainer import server as server_lib
+    from trainer.serving import prediction_requests
+    from trainer.serving import served_model
+    from trainer.serving import server as server_lib
 
     release = threading.Event()
 
@@ -402,7 +402,7 @@ def test_a_gs_run_is_downloaded_and_served(served_run, gcs_bucket):
     """A run in Cloud Storage (the emulator) loads like the local one and gives the same answers."""
     from google.cloud import storage
 
-    from trainer import served_model
+    from trainer.serving import served_model
 
     bucket = storage.Client().bucket(gcs_bucket)
     for path in served_run.rglob("*"):

@@ -18,7 +18,7 @@ from launch_fakes import FakeTools
 from launch_fakes import printed_commands
 from launch import gke_serve
 from launch import vertex_deploy
-from trainer import serve
+from trainer.serving import serve
 
 CPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-cpu"
 GPU_IMAGE = "us-central1-docker.pkg.dev/my-project/training/cifar-trainer:0123456789ab-gpu"
@@ -195,7 +195,7 @@ def test_gke_pods_outlive_the_servers_shutdown_grace():
     """Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM: later than the server's own grace, so the
     requests it cuts off still get their 503."""
     from launch import gke_serve
-    from trainer import serve
+    from trainer.serving import serve
 
     assert gke_serve.SERVER_SHUTDOWN_GRACE_SECONDS == serve.FLAGS["shutdown_grace_s"].default
     deployment, *_ = gke_dry_run()

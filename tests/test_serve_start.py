@@ -16,8 +16,8 @@ from helpers import fails_in_process
 from helpers import single_error_line
 from test_serve import GOOD
 from test_serve import served_run  # noqa: F401 (a fixture)
-from trainer import predict
-from trainer import serve
+from trainer.results import predict
+from trainer.serving import serve
 
 
 def copy_of_run(run_dir: pathlib.Path, destination: pathlib.Path) -> pathlib.Path:

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 
 from helpers import fails_in_process
-from trainer import storage
+from trainer.training import storage
 from trainer import task
 from trainer.errors import UsageError
 

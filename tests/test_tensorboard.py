@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from helpers import make_config, read_metrics
-from trainer import train
+from trainer.training import train
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import ROOT, make_config, read_metrics, run_task
-from trainer import checkpoints
-from trainer import train
+from trainer.training import checkpoints
+from trainer.training import train
 from trainer.errors import TrainingError
 
 

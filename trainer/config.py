@@ -9,9 +9,9 @@ from typing import Callable
 
 from absl import flags
 
-from trainer import class_weights
-from trainer import image_folder
-from trainer import model_specs
+from trainer.training import class_weights
+from trainer.training import image_folder
+from trainer.training import model_specs
 from trainer import recipes
 from trainer.errors import UsageError
 

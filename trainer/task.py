@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
     # Imported here, after cli.exit_on_sigterm: TensorFlow takes seconds to import, and a SIGTERM meanwhile must
     # end the process with its documented status, not kill it.
-    from trainer import train
+    from trainer.training import train
 
     train.run(config_lib.config_from_flags(FLAGS))
 

@@ -1,0 +1,1 @@
+"""The results tools: evaluate, predict and compare finished runs."""

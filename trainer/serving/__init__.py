@@ -1,0 +1,1 @@
+"""Serving: the web page and prediction API of a finished run."""

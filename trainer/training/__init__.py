@@ -1,0 +1,1 @@
+"""Training: the strategy, data, networks, the training loop, checkpoints and the export."""
