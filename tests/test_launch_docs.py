@@ -1,5 +1,6 @@
-"""The "Run on Google Cloud" guide: its launcher commands run as written (with --dry_run), its gcloud ones parse,
-and the image's and launchers' pointers to documentation lead somewhere."""
+"""The "Run on Google Cloud" guide: its launcher commands run as written (with --dry_run, and without it through the
+real gcloud and kubectl to the local stand-ins of the cloud APIs), its gcloud ones parse, and the image's and
+launchers' pointers to documentation lead somewhere."""
 
 import json
 import os
@@ -101,6 +102,12 @@ def guide_variables() -> dict[str, str]:
     return dict(zip(names, values))
 
 
+def image_of(command: str, variables: dict[str, str]) -> str:
+    """The image reference the command names, as bash expands it."""
+    (name,) = re.findall(r"--image=\$(\w+)", command)
+    return variables[name]
+
+
 def guide_exports() -> list[str]:
     return [command for command in guide_commands() if command.startswith("export ")]
 
@@ -166,6 +173,7 @@ def test_vertex_commands_reach_the_gcloud_standin_as_written(gcloud_standin_envi
         printed = json.loads((tmp_path / str(index) / "printed.json").read_text())
         if " deploy " in command:
             check_deploy(printed, requests, location, output)
+            assert printed["model"]["containerSpec"]["imageUri"] == image_of(command, variables)
             continue
         collection = "hyperparameterTuningJobs" if " tune " in command else "customJobs"
         assert output.startswith(f"{location.removeprefix('/v1/')}/{collection}/"), (command, output)
@@ -173,6 +181,8 @@ def test_vertex_commands_reach_the_gcloud_standin_as_written(gcloud_standin_envi
         expected = vertex_api.parse(without_job_name(printed), messages[collection])
         assert expected in received[collection], command
         received[collection].remove(expected)
+        assert f'"imageUri": "{image_of(command, variables)}"' in json.dumps(printed), command
+        assert f'"outputUriPrefix": "{variables["BUCKET"]}/runs/' in json.dumps(printed), command
     assert received == {key: [] for key in received}, "requests no command of the guide accounts for"
 
 
@@ -191,6 +201,27 @@ def check_deploy(printed: dict, requests: list[dict], location: str, resource: s
     assert resource == f"{location.removeprefix('/v1/')}/endpoints/{endpoint_id}"
 
 
+# Where `kubectl apply` creates each kind the launchers render.
+COLLECTIONS = {"Service": "/api/v1/namespaces/{namespace}/services",
+               "JobSet": "/apis/jobset.x-k8s.io/v1alpha2/namespaces/{namespace}/jobsets",
+               "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments",
+               "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers"}
+
+
+def applied_objects(standin: kubernetes_api.KubernetesApi, token: str) -> list[dict]:
+    """The objects `kubectl apply` created with this token after its access check, each POSTed to its kind's
+    collection with strict field validation; without the annotation kubectl adds."""
+    assert standin.access_reviews(token), "no `kubectl auth can-i` before the apply"
+    objects = []
+    for request in standin.created(token):
+        body = request["body"]
+        assert request["method"] == "POST" and request["query"]["fieldValidation"] == ["Strict"], request
+        assert request["path"] == COLLECTIONS[body["kind"]].format(namespace=body["metadata"]["namespace"])
+        body["metadata"].pop("annotations")
+        objects.append(body)
+    return objects
+
+
 @pytest.fixture(scope="module")
 def kubernetes_standin(tmp_path_factory):
     """The Kubernetes API stand-in the real kubectl talks to (tests/kubernetes_api.py)."""
@@ -204,32 +235,29 @@ def test_gke_commands_reach_the_kubernetes_standin_as_written(kubernetes_standin
     variables = guide_variables()
     commands = launcher_commands("launch.gke")
     assert sum(" serve " in command for command in commands) == 1 and len(commands) >= 4, commands
+    assert any(GUIDE_KUBECONFIG in command for command in commands), "the stand-in recipe's kubeconfig moved"
     processes = []
     for index, command in enumerate(commands):
-        folder = tmp_path / str(index)
-        environment = kubernetes_standin.kubeconfig(tmp_path, f"command-{index}")
-        (tmp_path / "kubeconfig").rename(tmp_path / f"kubeconfig-{index}")
-        environment["KUBECONFIG"] = str(tmp_path / f"kubeconfig-{index}")
-        processes.append(start_as_written(command.replace(GUIDE_KUBECONFIG, environment["KUBECONFIG"]), folder,
-                                          environment))
+        kube_folder = tmp_path / f"kube-{index}"
+        kube_folder.mkdir()
+        environment = kubernetes_standin.kubeconfig(kube_folder, f"command-{index}")
+        processes.append(start_as_written(command.replace(GUIDE_KUBECONFIG, environment["KUBECONFIG"]),
+                                          tmp_path / str(index), environment))
     for index, (command, process) in enumerate(zip(commands, processes)):
         output = finished(command, process)
-        created = [request["body"] for request in kubernetes_standin.created(f"command-{index}")]
         if "--dry_run" in command:
-            assert created == [] and kubernetes_standin.requests(f"command-{index}") == [], command
+            assert kubernetes_standin.requests(f"command-{index}") == [], command
             continue
+        created = applied_objects(kubernetes_standin, f"command-{index}")
         printed = json.loads((tmp_path / str(index) / "printed.json").read_text())
-        for body in created:
-            body["metadata"].pop("annotations")
         printed_objects = printed["items"] if printed["kind"] == "List" else [printed]
         name = created[-1]["metadata"]["name"]
         # Named for the second it was made in (--job_name's default), unless the command names it.
         assert created == [json.loads(json.dumps(item).replace(printed_objects[-1]["metadata"]["name"], name))
                            for item in printed_objects], command
         assert output.endswith(f"/{name}"), (command, output)
-        image = variables["CPU_IMAGE" if "$CPU_IMAGE" in command else "TPU_IMAGE" if "$TPU_IMAGE" in command
-                          else "IMAGE"]
-        assert image in json.dumps(created) and variables["BUCKET"] + "/runs" in json.dumps(created), command
+        assert f'"image": "{image_of(command, variables)}"' in json.dumps(created), command
+        assert f'{variables["BUCKET"]}/runs/' in json.dumps(created), command
 
 
 def test_pointers_to_the_guide_lead_somewhere():
