@@ -18,7 +18,7 @@ from trainer.errors import one_line
 AUTOTUNE = tf.data.AUTOTUNE
 # Labels of the examples that pad the evaluation set to whole global batches; they carry no weight.
 PADDING_LABEL = -1
-# Reading raw-pixel shards (see _raw_pixel_examples): records parsed per call, and each file's read buffer.
+# Reading raw-pixel shards (see _raw_pixel_batches): records parsed per call, and each file's read buffer.
 PARSE_BATCH = 256
 READ_BUFFER_BYTES = 8 << 20
 # The number of shards tfds.core.reader interleaves when it may shuffle the examples' order (its default).
@@ -173,13 +173,12 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
     With `with_index`, triples that also carry the example's int64 position in the split, which
     names it for per-example augmentation views and cached features.
     """
-    if _stores_raw_pixels(builder):
-        return _raw_pixel_batches(builder, split, with_index).unbatch().cache()
     return _decoded(builder, split, with_index).cache()
 
 
 def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
     if _stores_raw_pixels(builder):
+        # Unbatched before the cache: later epochs then read single examples from memory, as for other datasets.
         return _raw_pixel_batches(builder, split, with_index).unbatch()
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
