@@ -204,3 +204,24 @@ def test_the_command_line_refuses_a_folder_in_one_line(capsys, tmp_path):
 
     line = fails_in_process(capsys, task, f"--dataset={tmp_path}/absent", f"--model_dir={tmp_path}/run")
     assert "--dataset=" in line and "no such folder" in line
+
+
+def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_path, pictures, cifar_dir):
+    root = tmp_path / "many"
+    image_folders.make_class_folder(root, {name: pictures[name] * 2 for name in CLASSES})  # 60 images.
+    builder = folder_dataset.ImageFolderBuilder(image_folder.discover(str(root), 0.1), 32, str(tmp_path / "tfds"))
+    # Three shards of about 18 training images: TFDS interleaves them in blocks of 16, which the batched reader
+    # must follow, since an example's position names it for exact resume and the feature cache.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    assert data._stores_raw_pixels(builder) and builder.info.splits["train"].num_shards == 3
+    assert not data._stores_raw_pixels(tfds.builder("cifar10", data_dir=cifar_dir))
+    for split in ("train", "train[10%:70%]", "validation"):
+        expected = [(example["image"], int(example["label"])) for example in tfds.as_numpy(
+            builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)))]
+        for read in (data._decoded(builder, split, with_index=True), data.decoded_examples(builder, split, True)):
+            examples = list(read.as_numpy_iterator())
+            assert [(label, index) for _, label, index in examples] == [
+                (label, index) for index, (_, label) in enumerate(expected)]
+            assert all(np.array_equal(image, expected_image)
+                       for (image, *_), (expected_image, _) in zip(examples, expected))
+        assert read.element_spec[0].shape == (32, 32, 3) and read.element_spec[1].dtype == "int32"

@@ -18,6 +18,11 @@ from trainer.errors import one_line
 AUTOTUNE = tf.data.AUTOTUNE
 # Labels of the examples that pad the evaluation set to whole global batches; they carry no weight.
 PADDING_LABEL = -1
+# Reading raw-pixel shards (see _raw_pixel_batches): records parsed per call, and each file's read buffer.
+PARSE_BATCH = 256
+READ_BUFFER_BYTES = 8 << 20
+# The number of shards tfds.core.reader interleaves when it may shuffle the examples' order (its default).
+TFDS_INTERLEAVE_CYCLE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +177,9 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
 
 
 def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
+    if _stores_raw_pixels(builder):
+        # Unbatched before the cache: later epochs then read single examples from memory, as for other datasets.
+        return _raw_pixel_batches(builder, split, with_index).unbatch()
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
@@ -181,6 +189,47 @@ def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = F
     if with_index:
         examples = examples.enumerate().map(lambda index, pair: (*pair, index))
     return examples
+
+
+def _stores_raw_pixels(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether the images are stored as raw uint8 bytes in TFRecord shards, as a prepared folder's are."""
+    image = builder.info.features["image"]
+    return (isinstance(image, tfds.features.Tensor) and image.dtype == tf.uint8 and image.shape.count(None) == 0
+            and image.get_serialized_info().dtype == tf.string
+            and builder.info.file_format == tfds.core.file_adapters.FileFormat.TFRECORD)
+
+
+def _raw_pixel_batches(builder: tfds.core.DatasetBuilder, split: str, with_index: bool) -> tf.data.Dataset:
+    """Batches of (image, label), and the examples' indices `with_index`, read from the shards in as_dataset's
+    order, parsed a batch of records at a time.
+
+    TFDS parses one record at a time, and for small images its per-example cost made a run's first epoch slower
+    than reading the bytes (benchmarks/run.py --only=folder). The order must stay as_dataset's, which names each
+    example's index for exact resume and the feature cache: its shards interleaved in blocks
+    (tests/test_image_folder.py compares the two).
+    """
+    instructions = builder.info.splits[split].file_instructions
+    files = tf.data.Dataset.from_tensor_slices(([os.fspath(instruction.filename) for instruction in instructions],
+                                                np.array([instruction.skip for instruction in instructions], np.int64),
+                                                np.array([instruction.take for instruction in instructions], np.int64)))
+    records = files.interleave(
+        lambda path, skip, take: tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).skip(skip).take(take),
+        # TFDS's order for shuffle_files=False: its default cycle, or the files one after the other when it keeps
+        # the examples in the order they were generated.
+        cycle_length=1 if builder.info.disable_shuffling else TFDS_INTERLEAVE_CYCLE,
+        block_length=tfds.ReadConfig().interleave_block_length, num_parallel_calls=AUTOTUNE, deterministic=True)
+    shape = builder.info.features["image"].shape
+    features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parsed(batch_index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        example = tf.io.parse_example(serialized, features)
+        images = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (-1, *shape))
+        labels = tf.cast(example["label"], tf.int32)
+        if not with_index:
+            return images, labels
+        return images, labels, batch_index * PARSE_BATCH + tf.range(tf.shape(labels, tf.int64)[0], dtype=tf.int64)
+
+    return records.batch(PARSE_BATCH).enumerate().map(parsed, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:

@@ -87,18 +87,23 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         kept = self.counts[split]
         candidates = (labelled for labelled in files if quota is None or kept[labelled.label] < quota[labelled.label])
         chunk_size = CHUNK if quota is None else HELD_OUT_CHUNK
+        unreported = 0  # Images not yet counted on the progress bar: one update per image cost 5% of preparing.
         for labelled, encoded in _decoded_in_parallel(self.folder, candidates, self.image_size, chunk_size):
             if quota is not None:
                 if kept[labelled.label] >= quota[labelled.label]:
                     continue  # Decoded ahead after its class's share was full: it goes to training instead.
                 self._held_out.add(labelled.file.relative)
-            self._progress.update(1)
+            unreported += 1
+            if unreported == CHUNK:
+                self._progress.update(unreported)
+                unreported = 0
             if isinstance(encoded, str):
                 self.unreadable.append((labelled.file.relative, encoded))
                 continue
             kept[labelled.label] += 1
             yield labelled.file.relative, {"image": encoded, "label": labelled.label,
                                            "file_name": labelled.file.relative}
+        self._progress.update(unreported)
         self._check_every_class_kept(split)
         # Written with the dataset's info once the last split is generated, and read back with it on later runs.
         self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
