@@ -15,7 +15,7 @@ from trainer.training import train
 
 
 def test_the_specs_load_without_tensorflow():
-    code = ("import sys; import trainer.model_specs, trainer.config; "
+    code = ("import sys; import trainer.training.model_specs, trainer.config; "
             "print(sorted(name for name in ('tensorflow', 'keras') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
