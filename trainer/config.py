@@ -45,9 +45,11 @@ def option(default, help: str, *, group: str, choices: tuple[str, ...] | None = 
         "default_text": default_text})
 
 
+# The options by group, one small frozen dataclass each; Config joins them, so `config.batch_size` reads as
+# before and the groups keep their order in the flag tables and config.json.
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything a run needs, validated; made by `build_config` or `config_from_flags`."""
+class ModelOptions:
+    """The network and its weights."""
 
     recipe: str | None = option(
         None, "A named group of flag values (see Recipes); flags given explicitly still win.", group="Model",
@@ -65,6 +67,11 @@ class Config:
     dropout: float = option(0.5, "Dropout rate before the cnn's output layer.", group="Model",
                             rule=(lambda value: 0 <= value < 1, "must be in [0, 1)"))
 
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """Where the images come from and which splits train and evaluate."""
+
     dataset: str = option(
         "cifar10", "TFDS image-classification dataset with 'image' and 'label' (e.g. cifar100), or a folder of "
         "labelled images, local or gs://, when the value starts with /, ./, ../, ~ or gs:// (see 'Train on your own "
@@ -79,6 +86,11 @@ class Config:
     eval_split: str = option("test", "TFDS split evaluated after every epoch and at the end.", group="Data",
                              resumable=True, default_text="test; for a folder, validation (test when it has "
                              "train/ and test/ only)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareOptions:
+    """Devices, the distribution strategy, precision and the cluster's timeouts."""
 
     accelerator: str | None = option(
         None, "What the run must train on. gpu and tpu stop the run at start-up, in one line naming the likely cause, "
@@ -117,6 +129,11 @@ class Config:
     jit_compile: bool | None = option(
         None, "Compile the training and evaluation steps with XLA (TPUs always compile). XLA's CPU convolutions "
         "measured 2x slower here.", group="Hardware", resumable=True, default_text="on for GPU, off for CPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimisationOptions:
+    """The optimizer, its schedule, the loss and what selects the best weights."""
 
     batch_size: int = option(128, "Global batch size, split evenly over all replicas.", group="Optimisation",
                              rule=POSITIVE_INTEGER)
@@ -185,6 +202,11 @@ class Config:
     early_stopping_monitor: str = option("eval_accuracy", "Metric that early stopping and best-weight selection "
                                          "watch.", group="Optimisation", choices=EARLY_STOPPING_MONITORS)
 
+
+@dataclasses.dataclass(frozen=True)
+class FineTuningOptions:
+    """ResNet50's second phase, which trains the backbone's last stages."""
+
     fine_tune_epochs: int = option(
         0, "resnet50 only: epochs of a second phase that unfreezes the top --fine_tune_stages stages of the "
         "backbone. BatchNorm stays in inference mode.", group="Fine-tuning (resnet50)", rule=ZERO_OR_MORE,
@@ -195,6 +217,11 @@ class Config:
     fine_tune_stages: int = option(
         2, "How many of ResNet50's five stages, counted from the top, the fine-tuning phase unfreezes (5 unfreezes "
         "everything).", group="Fine-tuning (resnet50)", rule=(lambda value: 1 <= value <= 5, "must be 1 to 5"))
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentationOptions:
+    """Augmentation on the accelerator, and the features cached for a frozen backbone."""
 
     random_flip: bool = option(True, "Random horizontal flips.", group="Augmentation (on the accelerator)")
     alternating_flip: bool = option(
@@ -220,6 +247,11 @@ class Config:
     cutmix: float = option(
         0.0, "CutMix with Beta(alpha, alpha) box sizes (1.0 is typical); 0 turns it off. With --mixup, each batch "
         "uses one of the two.", group="Augmentation (on the accelerator)", rule=OFF_OR_MORE)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """The training loop's cadence and where its outputs go."""
 
     model_dir: str | None = option(
         None, "Where checkpoints, logs, the export and metrics go; local or gs://.", group="Loop and outputs",
@@ -250,6 +282,14 @@ class Config:
         None, "Two global steps A,B: capture a TensorFlow profiler trace from step A to step B into the TensorBoard "
         "logs (view it with the tensorboard-plugin-profile package).", group="Loop and outputs", resumable=True,
         default_text="none")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(LoopOptions, AugmentationOptions, FineTuningOptions, OptimisationOptions, HardwareOptions, DataOptions,
+             ModelOptions):
+    """Everything a run needs, validated; made by `build_config` or `config_from_flags`. Dataclasses take the
+    fields of their bases from the last base to the first: the groups in this order keep ModelOptions' first."""
 
     @property
     def total_epochs(self) -> int:
