@@ -11,6 +11,7 @@ and its long-running operations are done at once, with their response.
 """
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -233,6 +234,19 @@ def start() -> StandIn:
         process.kill()
         raise RuntimeError(f"the gcloud stand-in did not start (it said {url!r})")
     return StandIn(process, url)
+
+
+@contextlib.contextmanager
+def activated(config_dir: pathlib.Path):
+    """A running stand-in, and gcloud's environment with a service account activated against it: (server,
+    environment). The stand-in stops on exit."""
+    server = start()
+    try:
+        environment = gcloud_environment(server.url, config_dir)
+        activate_service_account(server.url, environment)
+        yield server, environment
+    finally:
+        server.stop()
 
 
 def main() -> None:

@@ -136,13 +136,8 @@ def gcloud_standin_environment(tmp_path_factory):
     """The gcloud stand-in (tests/gcloud_standin.py), and gcloud's environment with an activated service account."""
     if shutil.which("gcloud") is None:
         pytest.skip("the Google Cloud CLI (gcloud) is not installed")
-    server = gcloud_standin.start()
-    try:
-        environment = gcloud_standin.gcloud_environment(server.url, tmp_path_factory.mktemp("gcloud") / "config")
-        gcloud_standin.activate_service_account(server.url, environment)
-        yield server, environment
-    finally:
-        server.stop()
+    with gcloud_standin.activated(tmp_path_factory.mktemp("gcloud") / "config") as standin_and_environment:
+        yield standin_and_environment
 
 
 def without_job_name(body: dict) -> dict:

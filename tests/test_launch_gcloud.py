@@ -35,13 +35,8 @@ MODEL_DIR = "gs://my-bucket/runs/cifar-test/model"
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
     """The stand-in server, and gcloud's environment with an activated service account."""
-    server = gcloud_standin.start()
-    try:
-        environment = gcloud_standin.gcloud_environment(server.url, tmp_path_factory.mktemp("gcloud") / "config")
-        gcloud_standin.activate_service_account(server.url, environment)
-        yield server, environment
-    finally:
-        server.stop()
+    with gcloud_standin.activated(tmp_path_factory.mktemp("gcloud") / "config") as standin_and_environment:
+        yield standin_and_environment
 
 
 def launch(standin, *flags: str) -> tuple[str, list[dict]]:
