@@ -11,6 +11,7 @@ from PIL import Image
 from helpers import run_in_process
 from test_serve import served_run  # noqa: F401  (the session's one trained run, shared with the server tests)
 from trainer.training import graph_images
+from trainer.image_files import load_image
 from trainer.results import predict
 
 
@@ -42,7 +43,7 @@ def test_the_graph_decodes_images_as_trainer_predict_does(image_files, image_sha
     more, as Pillow has libjpeg decode those straight to grey."""
     for path in image_files:
         in_graph = graph_images.decode_image(tf.constant(path.read_bytes()), image_shape).numpy()
-        expected = predict.load_image(str(path), image_shape)
+        expected = load_image(str(path), image_shape)
         assert in_graph.shape == expected.shape == image_shape, path.name
         difference = np.abs(in_graph.astype(int) - expected.astype(int))
         if image_shape[-1] == 3:

@@ -18,9 +18,7 @@ from trainer import image_files
 from trainer.training import storage
 from trainer.display_text import printable
 from trainer.display_text import utf8
-# Moved to image_files, which the server and folder datasets share; still importable from here.
 from trainer.image_files import IMAGE_EXTENSIONS
-from trainer.image_files import MAX_PIXELS  # noqa: F401
 from trainer.image_files import ImageTooLarge
 from trainer.image_files import load_image
 from trainer.errors import UsageError

@@ -1,4 +1,4 @@
-"""Image files decoded and resized inside a TensorFlow graph exactly as trainer.predict.load_image does with Pillow.
+"""Image files decoded and resized inside a TensorFlow graph exactly as image_files.load_image does with Pillow.
 
 The export's image-bytes signature uses it, so that TF Serving and Vertex AI's prebuilt containers, which run no
 Python of ours, give the answers trainer.predict and trainer.serve give. Pillow's resampling is reproduced, not
