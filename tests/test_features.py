@@ -205,6 +205,9 @@ def test_every_recipe_trains_a_few_steps(cifar_dir, tmp_path, recipe):
     assert metrics["epochs_completed"] == config.epochs + config.fine_tune_epochs
     assert all(np.isfinite(entry["train_loss"]) for entry in metrics["history"])
     assert metrics["flags"]["recipe"] == recipe
+    assert (tmp_path / "export" / "saved_model.pb").is_file()
+    if recipe == "finetune":  # ResNet50 without ImageNet weights, at a size of the user's choosing.
+        assert metrics["flags"]["image_size"] == 32 and metrics["num_parameters"] > 23_000_000
 
 
 def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(cifar_dir, tmp_path):

@@ -108,16 +108,6 @@ print(json.dumps({{"shape": probabilities.shape, "sums": probabilities.sum(axis=
     assert labels[:2] == ["airplane", "automobile"] and len(labels) == 10
 
 
-def test_resnet50_without_imagenet_weights_runs_the_same_way(cifar_dir, tmp_path):
-    result = run_task("--model=resnet50", "--weights=none", "--image_size=64", f"--data_dir={cifar_dir}",
-                      f"--model_dir={tmp_path}", "--train_split=train[:256]", "--eval_split=test[:64]",
-                      "--batch_size=32", "--epochs=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
-    assert metrics["flags"]["image_size"] == 64 and metrics["num_parameters"] > 23_000_000
-    assert (tmp_path / "export" / "saved_model.pb").exists()
-
-
 def test_help_describes_every_flag():
     result = run_task("--helpfull")
     assert result.returncode == 0
