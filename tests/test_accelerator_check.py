@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import accelerator_check
 from helpers import ROOT
 from helpers import fails_in_process
@@ -33,7 +35,10 @@ def test_smoke_run_measures_every_row_and_writes_json_and_readme_rows(cifar_dir,
     assert cnn == {(precision, xla) for precision in ("float32", "mixed_bfloat16") for xla in (False, True)}
     assert all(row["real"] > 0 and row["synthetic"] > 0 for row in rows)
     scaling = results["scaling"]  # Over the two logical CPU devices the smoke run makes.
-    assert scaling["devices"] == 2 and scaling["model"] == "cnn" and 0 < scaling["efficiency"] < 2
+    # No upper bound: two logical devices share the same cores, so on a loaded machine (a CI runner, the suite's
+    # other worker) timing noise decides the ratio; what is checked is that it is the ratio of the two rates.
+    assert scaling["devices"] == 2 and scaling["model"] == "cnn"
+    assert scaling["efficiency"] == pytest.approx(scaling["all_devices"] / (2 * scaling["one_device"]))
     assert 0 <= results["fast"]["test_accuracy"] <= 1 and results["fast"]["epochs"] == 1
     readme_rows = output.with_suffix(".md").read_text().splitlines()
     assert readme_rows == result.stdout.splitlines()
