@@ -116,7 +116,7 @@ class RunOutputs:
         step = int(state.global_step.numpy())
         with storage.disk_space_guard("metrics.json and the charts", self.paths.model_dir,
                                       leftovers=os.path.join(self.paths.model_dir, ".tmp-*")):
-            reports.plot_history(self.paths.history_plot, metrics["history"], self._title())
+            # history.png is not drawn again: the last epoch's end drew this same history.
             self.summaries.scalars("run", step, {"test_accuracy": metrics["test_accuracy"],
                                                  "test_loss": metrics["test_loss"]})
             self.summaries.png("eval", step, "final_confusion_matrix",
