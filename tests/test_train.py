@@ -107,18 +107,6 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(cifar_
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_early_stopping_restores_the_best_weights(cifar_dir, tmp_path):
-    # At this learning rate Adam stalls near chance, so patience 1 stops early and restores the best.
-    config = make_config(cifar_dir, tmp_path, epochs=6, early_stopping_patience=1, learning_rate=0.02,
-                         steps_per_epoch=4)
-    metrics = train.run(config)
-    history = metrics["history"]
-    best = max(range(len(history)), key=lambda index: history[index]["eval_accuracy"])
-    assert metrics["best_epoch"] == best + 1
-    assert metrics["test_accuracy"] == pytest.approx(history[best]["eval_accuracy"], abs=1e-6)
-    assert len(history) < 6 and history[-1]["eval_accuracy"] <= history[best]["eval_accuracy"]
-
-
 class _Stopped(Exception):
     """Stands for a run that dies right after a checkpoint, in-process."""
 
@@ -139,12 +127,18 @@ def run_stopped_then_rerun(monkeypatch, config, owner, method: str, stop_when) -
     return train.run(config)
 
 
-def test_a_run_stopped_after_an_epoch_and_rerun_ends_as_if_never_stopped(cifar_dir, tmp_path, monkeypatch):
+def test_early_stopping_restores_the_best_weights_and_a_run_stopped_after_an_epoch_ends_as_if_never_stopped(
+        cifar_dir, tmp_path, monkeypatch):
     # Adam at this rate stalls near chance, so early stopping (patience 1) decides where the run ends;
     # the rerun only matches if it restores the optimizer, the early-stopping state and the best weights.
     common = dict(epochs=6, early_stopping_patience=1, learning_rate=0.02, steps_per_epoch=4, dropout=0.0)
     straight = train.run(make_config(cifar_dir, tmp_path / "straight", **common))
-    assert straight["epochs_completed"] < 6, "early stopping should end this run early"
+    history = straight["history"]
+    assert straight["epochs_completed"] < 6 and len(history) < 6, "early stopping should end this run early"
+    # It restores the best weights: the final evaluation is the best epoch's.
+    best = max(range(len(history)), key=lambda index: history[index]["eval_accuracy"])
+    assert straight["best_epoch"] == best + 1 and history[-1]["eval_accuracy"] <= history[best]["eval_accuracy"]
+    assert straight["test_accuracy"] == pytest.approx(history[best]["eval_accuracy"], abs=1e-6)
 
     resumed = run_stopped_then_rerun(monkeypatch, make_config(cifar_dir, tmp_path / "stopped", **common),
                                      train.Trainer, "end_epoch", lambda phase, epoch, *rest: epoch == 0)
