@@ -98,6 +98,17 @@ def tiny_run(cifar_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def translate_tta_run(cifar_dir, tmp_path_factory):
+    """One finished cnn run whose export averages flipped and 1-pixel-shifted views (--tta --tta_translate=1):
+    (its model_dir, its metrics). Tests may add files to it but must not change what the run wrote."""
+    from helpers import make_config
+    from trainer.training import train
+
+    model_dir = tmp_path_factory.mktemp("tta-run") / "run"
+    return model_dir, train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4, tta=True, tta_translate=1))
+
+
+@pytest.fixture(scope="session")
 def gcs_bucket():
     """A real Cloud Storage emulator (fake-gcs-server) on 127.0.0.1 with an empty bucket; yields its name.
 

@@ -162,11 +162,10 @@ def test_flip_tta_averages_each_image_with_its_mirror(trained_run, cifar_dir):
     assert (recorded["tta"], recorded["tta_by"], recorded["tta_translate"]) == (True, "evaluate", 0)
 
 
-def test_a_run_trained_with_tta_is_not_flipped_again(cifar_dir, tmp_path, capsys):
+def test_a_run_trained_with_tta_is_not_flipped_again(translate_tta_run, capsys):
     """Its export averages flipped and shifted views itself; flipping its input as well would average other views
     (the mirrored shifts), so --tta must leave the run's own test metrics unchanged."""
-    model_dir = tmp_path / "tta-run"
-    metrics = train.run(make_config(cifar_dir, model_dir, steps_per_epoch=4, tta=True, tta_translate=1))
+    model_dir, metrics = translate_tta_run
     status, out, _ = run_evaluate(capsys, f"--model_dir={model_dir}", "--tta")
     assert status == 0
     results = json.loads((model_dir / "evaluation.json").read_text())

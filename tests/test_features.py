@@ -230,11 +230,11 @@ def test_finetune_recipe_trains_the_head_then_every_stage_with_batchnorm_frozen(
     assert statistics and all(np.all(mean.numpy() == 0) for mean in statistics)
 
 
-def test_final_evaluation_and_export_agree_on_translate_tta(cifar_dir, tmp_path):
+def test_final_evaluation_and_export_agree_on_translate_tta(cifar_dir, translate_tta_run):
     from trainer.training import data
 
-    metrics = train.run(make_config(cifar_dir, tmp_path, steps_per_epoch=4, tta=True, tta_translate=1))
-    export = tf.saved_model.load(str(tmp_path / "export"))
+    model_dir, metrics = translate_tta_run
+    export = tf.saved_model.load(str(model_dir / "export"))
     builder = data.load_builder("cifar10", cifar_dir)
     images, labels = zip(*data.decoded_examples(builder, "test[:256]").batch(256).as_numpy_iterator())
     probabilities = export.serve(images[0]).numpy()
