@@ -40,7 +40,7 @@ IMAGE_SIZE = 64
 BATCH_SIZE = 128
 JPEG_QUALITY = 90
 VALIDATION_FRACTION = 0.1
-# Epochs of our pipeline timed after preparation: the first reads the shards, the others the split held in memory.
+# Epochs of our pipeline timed after preparation: the first decodes the shards, the others read the memory cache.
 EPOCHS = 4
 # The issue's goals: preparation / one Keras epoch, a later epoch / one Keras epoch, training from the folder /
 # training from synthetic data.
@@ -112,7 +112,7 @@ def time_keras_epoch(root: pathlib.Path) -> dict:
 
 
 def time_our_epochs(builder) -> list[dict]:
-    """Training batches as a run reads them (uint8, shuffled, batched), epoch after epoch."""
+    """Training batches as a run reads them (shuffled, batched, cached uint8), epoch after epoch."""
     info = data.dataset_info(builder, "train", "validation")
     steps_per_epoch = info.num_train_examples // BATCH_SIZE
     inputs = data.Inputs(builder, info, train_split="train", eval_split="validation", global_batch_size=BATCH_SIZE,
@@ -128,7 +128,7 @@ def time_our_epochs(builder) -> list[dict]:
         seconds = time.perf_counter() - began
         images = steps_per_epoch * BATCH_SIZE
         epochs.append({"seconds": seconds, "images": images, "images_per_second": images / seconds,
-                       "from": "the prepared shards" if epoch == 0 else "memory"})
+                       "from": "the prepared shards" if epoch == 0 else "the memory cache"})
         logging.info("folder: our epoch %d, %d images in %.2fs", epoch + 1, images, seconds)
     return epochs
 

@@ -113,7 +113,7 @@ def machine() -> dict:
 def training_batches(count: int, batch_size: int = BATCH_SIZE, with_index: bool = False) -> tf.data.Dataset:
     builder = data.load_builder("cifar10", FLAGS.data_dir)
     return data.training_batches(
-        data.example_batches(builder, "train", with_index=with_index), num_examples=count,
+        data.decoded_examples(builder, "train", with_index=with_index), num_examples=count,
         input_context=tf.distribute.InputContext(), global_batch_size=batch_size,
         steps_per_epoch=count // batch_size, start_epoch=0, end_epoch=100, start_step=0, seed=0)
 

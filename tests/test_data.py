@@ -20,7 +20,7 @@ def index_examples(count: int) -> tf.data.Dataset:
 def read_training(count, *, pipelines=1, pipeline=0, replicas=1, batch=8, steps=4, start_epoch=0, end_epoch=2,
                   start_step=0, seed=0):
     context = tf.distribute.InputContext(pipelines, pipeline, replicas)
-    batches = data.training_batches(index_examples(count).batch(5), num_examples=count, input_context=context,
+    batches = data.training_batches(index_examples(count), num_examples=count, input_context=context,
                                     global_batch_size=batch, steps_per_epoch=steps, start_epoch=start_epoch,
                                     end_epoch=end_epoch, start_step=start_step, seed=seed)
     return [images.numpy() for images, _ in batches]

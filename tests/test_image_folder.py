@@ -218,8 +218,7 @@ def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_pa
     for split in ("train", "train[10%:70%]", "validation"):
         expected = [(example["image"], int(example["label"])) for example in tfds.as_numpy(
             builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)))]
-        for read in (data.examples_in_order(builder, split, with_index=True),
-                     data.decoded_examples(builder, split, with_index=True)):
+        for read in (data._decoded(builder, split, with_index=True), data.decoded_examples(builder, split, True)):
             examples = list(read.as_numpy_iterator())
             assert [(label, index) for _, label, index in examples] == [
                 (label, index) for index, (_, label) in enumerate(expected)]

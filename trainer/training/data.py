@@ -173,24 +173,13 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
     With `with_index`, triples that also carry the example's int64 position in the split, which
     names it for per-example augmentation views and cached features.
     """
-    return examples_in_order(builder, split, with_index).cache()
+    return _decoded(builder, split, with_index).cache()
 
 
-def examples_in_order(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
-    """decoded_examples without the cache: read (and decoded) again by every iteration."""
+def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
     if _stores_raw_pixels(builder):
+        # Unbatched before the cache: later epochs then read single examples from memory, as for other datasets.
         return _raw_pixel_batches(builder, split, with_index).unbatch()
-    return _decoded_one_by_one(builder, split, with_index)
-
-
-def example_batches(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
-    """examples_in_order in batches of PARSE_BATCH, the last one smaller; what training_batches reads."""
-    if _stores_raw_pixels(builder):
-        return _raw_pixel_batches(builder, split, with_index)
-    return _decoded_one_by_one(builder, split, with_index).batch(PARSE_BATCH)
-
-
-def _decoded_one_by_one(builder: tfds.core.DatasetBuilder, split: str, with_index: bool) -> tf.data.Dataset:
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
@@ -268,7 +257,7 @@ def _one_run(instructions) -> bool:
 def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:
     """The first `count` images of a split (in its fixed order), as one uint8 array."""
     # Not through the cache: a cache read in part is discarded, with a warning in the job's log.
-    images = examples_in_order(builder, split).take(count).map(lambda image, label: image).batch(count)
+    images = _decoded(builder, split).take(count).map(lambda image, label: image).batch(count)
     return next(iter(images)).numpy()
 
 
@@ -280,7 +269,7 @@ def _options() -> tf.data.Options:
     return options
 
 
-def training_batches(example_batches: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
+def training_batches(examples: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
                      global_batch_size: int, steps_per_epoch: int, start_epoch: int, end_epoch: int,
                      start_step: int, seed: int) -> tf.data.Dataset:
     """Per-replica training batches of one input pipeline, from (start_epoch, start_step) to end_epoch.
@@ -289,44 +278,22 @@ def training_batches(example_batches: tf.data.Dataset, *, num_examples: int, inp
     example, so the pipelines read disjoint parts of each epoch, and the examples that form a global
     batch do not depend on the number of workers or replicas. A restarted job regenerates the same
     order and skips the steps it already trained.
-
-    `example_batches` (the split in its fixed order, in batches of any size, uncached: see example_batches)
-    are read once into one element that holds the whole split in memory, and each batch is gathered from it
-    by position.
-    tf.data's shuffle draws the same permutation for any elements of the same number and seed, so the
-    positions shuffled here pick the very examples that shuffling the examples themselves would; but
-    no epoch, the first included, pays tf.data's per-example cost of caching, shuffling and batching.
     """
     per_replica = input_context.get_per_replica_batch_size(global_batch_size)
     replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
     batches_per_epoch = steps_per_epoch * replicas_per_pipeline
 
-    def epoch_positions(epoch: int) -> tf.data.Dataset:
+    def one_epoch(epoch: int) -> tf.data.Dataset:
         # Python-int seeds: tf.data rejects tensor seeds when the global seed is 0.
-        return (tf.data.Dataset.range(num_examples)
-                .shuffle(num_examples, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+        return (examples.shuffle(num_examples, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
                 .shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-                .batch(per_replica, drop_remainder=True)
+                .batch(per_replica, drop_remainder=True, num_parallel_calls=AUTOTUNE)
                 .take(batches_per_epoch))
 
-    positions = epoch_positions(start_epoch).skip(start_step * replicas_per_pipeline)
+    batches = one_epoch(start_epoch).skip(start_step * replicas_per_pipeline)
     for epoch in range(start_epoch + 1, end_epoch):
-        positions = positions.concatenate(epoch_positions(epoch))
-
-    # Neither function has Python control flow: autograph's conversion of them cost more than reading the split.
-    @tf.autograph.experimental.do_not_convert
-    def gathered(*split: tf.Tensor) -> tf.data.Dataset:
-        # The split arrives as the function's argument, not captured: a captured tensor would be copied into the
-        # dataset's graph.
-        @tf.autograph.experimental.do_not_convert
-        def batch(batch_positions: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            return tuple(tf.gather(tensor, batch_positions) for tensor in split)
-
-        return positions.map(batch, num_parallel_calls=AUTOTUNE, deterministic=True)
-
-    # Rebatched, not unbatched and batched again: that costed as much as reading the shards.
-    whole_split = example_batches.rebatch(num_examples).take(1)
-    return whole_split.flat_map(gathered).prefetch(AUTOTUNE).with_options(_options())
+        batches = batches.concatenate(one_epoch(epoch))
+    return batches.prefetch(AUTOTUNE).with_options(_options())
 
 
 def evaluation_batches(examples: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
@@ -365,8 +332,7 @@ class Inputs:
     def training(self, input_context: tf.distribute.InputContext, start_epoch: int, end_epoch: int,
                  start_step: int) -> tf.data.Dataset:
         return training_batches(
-            example_batches(self.builder, self.train_split, with_index=True),
-            num_examples=self.info.num_train_examples, input_context=input_context,
+            self.indexed_training_examples(), num_examples=self.info.num_train_examples, input_context=input_context,
             global_batch_size=self.global_batch_size, steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch,
             end_epoch=end_epoch, start_step=start_step, seed=self.seed)
 
