@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import image_folders
 from helpers import make_config
 from trainer.training import augment
 from trainer.training import train
@@ -26,6 +27,21 @@ def head_after_two_epochs(cifar_dir, model_dir, **overrides):
 def test_cached_features_train_the_same_head_as_pixels_through_the_frozen_backbone(cifar_dir, tmp_path):
     start, uncached = head_after_two_epochs(cifar_dir, tmp_path / "pixels", cache_features=False)
     _, cached = head_after_two_epochs(cifar_dir, tmp_path / "cached", cache_features=True)
+    for before, expected, actual in zip(start, uncached, cached):
+        moved = np.abs(expected - before).max()
+        assert np.abs(actual - expected).max() < 1e-3 * moved + 1e-6, (np.abs(actual - expected).max(), moved)
+    assert max(np.abs(expected - before).max() for before, expected in zip(start, uncached)) > 1e-3
+
+
+def test_cached_features_train_the_same_head_on_a_folder_dataset(cifar_dir, tmp_path):
+    # A folder's examples are named by their index in its prepared split, as CIFAR-10's are.
+    root = tmp_path / "folder"
+    image_folders.make_class_folder(root, image_folders.cifar_images(cifar_dir, per_class=12))
+    folder = dict(dataset=str(root), train_split="train", eval_split="validation", validation_fraction=0.25,
+                  batch_size=9)
+    prepared = str(tmp_path / "prepared")  # The run's --data_dir.
+    start, uncached = head_after_two_epochs(prepared, tmp_path / "pixels", cache_features=False, **folder)
+    _, cached = head_after_two_epochs(prepared, tmp_path / "cached", cache_features=True, **folder)
     for before, expected, actual in zip(start, uncached, cached):
         moved = np.abs(expected - before).max()
         assert np.abs(actual - expected).max() < 1e-3 * moved + 1e-6, (np.abs(actual - expected).max(), moved)

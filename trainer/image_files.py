@@ -38,15 +38,20 @@ def load_image(path, image_shape: tuple[int, int, int]) -> np.ndarray:
         if image.width * image.height > MAX_PIXELS:
             raise ImageTooLarge(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
                              "limit for images to classify; shrink it first")
-        image.draft("RGB" if channels == 3 else "L", (width, height))  # JPEG decodes at a reduced size: faster.
-        image = ImageOps.exif_transpose(image)
+        mode = "RGB" if channels == 3 else "L"
+        image.draft(mode, (width, height))  # JPEG decodes at a reduced size: faster.
+        # In place, and no conversion or resizing that would change nothing: each of them copies the image, and
+        # together they cost as much as decoding a small JPEG (a folder dataset prepares thousands).
+        ImageOps.exif_transpose(image, in_place=True)
         image = _eight_bit(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", image.size, (*BACKGROUND, 255)), image)
-        image = image.convert("RGB" if channels == 3 else "L")
-        shrinking = image.width >= width and image.height >= height
-        image = image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
+        if image.mode != mode:
+            image = image.convert(mode)
+        if image.size != (width, height):
+            shrinking = image.width >= width and image.height >= height
+            image = image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
         pixels = np.asarray(image, np.uint8)
     return pixels if channels == 3 else pixels[..., None]
 

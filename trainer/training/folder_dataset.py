@@ -28,9 +28,7 @@ SKIPPED_FILES = "skipped_files.txt"
 # How many skipped files the summary names; the rest are in the run directory's SKIPPED_FILES.
 NAMED_IN_SUMMARY = 5
 # Images a worker process decodes per task: one at a time, the pool's own bookkeeping cost as much as decoding them.
-# The held-out split of ROOT/<class>/<image> takes small tasks: what is decoded past a class's share is wasted.
 CHUNK = 64
-HELD_OUT_CHUNK = 4
 
 
 def stored_image_size(image_size: int | None) -> int:
@@ -45,7 +43,8 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
     name = "image_folder"
     # 2.0.0: raw uint8 pixels instead of PNG (a copy prepared as 1.0.0 is prepared again, in its own directory).
-    VERSION = tfds.core.Version("2.0.0")
+    # 3.0.0: the examples in the order they were generated, not shuffled by TFDS (see _info).
+    VERSION = tfds.core.Version("3.0.0")
 
     def __init__(self, folder: image_folder.Folder, image_size: int, data_dir: str | None):
         self.folder, self.image_size = folder, image_size
@@ -68,7 +67,11 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                                               encoding=tfds.features.Encoding.BYTES),
                 "label": tfds.features.ClassLabel(names=list(self.folder.class_names)),
                 "file_name": tfds.features.Text()}),
-            supervised_keys=("image", "label"), metadata=tfds.core.MetadataDict())
+            supervised_keys=("image", "label"), metadata=tfds.core.MetadataDict(),
+            # Training shuffles the whole split every epoch anyway. Kept in the order they were generated, the
+            # examples read back as one run of records over the shards, without TFDS's interleaving of them (see
+            # data._records_in_order), which cost a third of reading the split.
+            disable_shuffling=True)
 
     @property
     def source_name(self) -> str:
@@ -80,19 +83,16 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return {split: self._generate_examples(split) for split in self.folder.splits}
 
     def _generate_examples(self, split: str):
-        quota = self.folder.held_out_quota if split != image_folder.TRAIN_SPLIT else None
-        files = self.folder.splits[split]
-        if self.folder.held_out_quota and quota is None:
-            files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
+        if split != image_folder.TRAIN_SPLIT and self.folder.held_out_quota:
+            decoded = self._held_out_decoded(split)
+        else:
+            files = self.folder.splits[split]
+            if self.folder.held_out_quota:
+                files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
+            decoded = _decoded_in_parallel(self.folder, files, self.image_size)
         kept = self.counts[split]
-        candidates = (labelled for labelled in files if quota is None or kept[labelled.label] < quota[labelled.label])
-        chunk_size = CHUNK if quota is None else HELD_OUT_CHUNK
         unreported = 0  # Images not yet counted on the progress bar: one update per image cost 5% of preparing.
-        for labelled, encoded in _decoded_in_parallel(self.folder, candidates, self.image_size, chunk_size):
-            if quota is not None:
-                if kept[labelled.label] >= quota[labelled.label]:
-                    continue  # Decoded ahead after its class's share was full: it goes to training instead.
-                self._held_out.add(labelled.file.relative)
+        for labelled, encoded in decoded:
             unreported += 1
             if unreported == CHUNK:
                 self._progress.update(unreported)
@@ -109,6 +109,21 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
                                    "counts": self.counts, "unreadable": sorted(self.unreadable)})
 
+    def _held_out_decoded(self, split: str):
+        """The held-out split chosen by quota: each class's first files in their ranked order, as many as its share,
+        then the next ones only in place of files that could not be read. Every file it took, readable or not, is
+        in self._held_out; training takes the rest."""
+        quota, kept = self.folder.held_out_quota, self.counts[split]
+        untried = [collections.deque() for _ in quota]
+        for labelled in self.folder.splits[split]:
+            untried[labelled.label].append(labelled)
+        while wanted := [untried[label].popleft() for label, share in enumerate(quota)
+                         for _ in range(min(share - kept[label], len(untried[label])))]:
+            # _generate_examples counts each image as it takes it, so `kept` is up to date for the next round.
+            for labelled, encoded in _decoded_in_parallel(self.folder, wanted, self.image_size):
+                self._held_out.add(labelled.file.relative)
+                yield labelled, encoded
+
     def _check_every_class_kept(self, split: str) -> None:
         for name, count in zip(self.folder.class_names, self.counts[split]):
             if count == 0:
@@ -123,10 +138,10 @@ def config_name(folder: image_folder.Folder, image_size: int) -> str:
     return f"{readable}_{image_size}px_{folder.fingerprint(image_size)[:16]}"
 
 
-def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int, chunk_size: int):
+def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int):
     """(file, pixels or the reason it was skipped) in the files' order, decoded by a pool of workers in chunks. A
     bounded window of chunks keeps memory flat."""
-    pool, workers, chunk_size = _decoding_pool(folder, chunk_size)
+    pool, workers, chunk_size = _decoding_pool(folder)
     window = collections.deque()
     with pool:
         for chunk in _chunks(files, chunk_size):
@@ -138,13 +153,13 @@ def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int, ch
             yield from _finished(*window.popleft())
 
 
-def _decoding_pool(folder: image_folder.Folder, chunk_size: int) -> tuple[concurrent.futures.Executor, int, int]:
+def _decoding_pool(folder: image_folder.Folder) -> tuple[concurrent.futures.Executor, int, int]:
     """The pool, its number of workers and the images each task decodes.
 
     A local folder is decoded by forked processes, which start in milliseconds with what this process imported
     (spawned ones would import the job's main module, TensorFlow and all): Pillow's Python code holds the GIL about
     as long as its decoder runs, so threads kept one core of two busy (benchmarks/run.py --only=folder measures
-    preparation). Tasks of chunk_size images keep the pool's own cost small. The workers run only Pillow and numpy,
+    preparation). Tasks of CHUNK images keep the pool's own cost small. The workers run only Pillow and numpy,
     none of the locks of this process's other threads. Cloud Storage reads wait on the network: there a pool of
     threads overlaps them, an image at a time.
     """
@@ -153,7 +168,7 @@ def _decoding_pool(folder: image_folder.Folder, chunk_size: int) -> tuple[concur
         return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare"), workers, 1
     workers = len(os.sched_getaffinity(0))
     return (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")), workers,
-            chunk_size)
+            CHUNK)
 
 
 def _chunks(items, size: int):
@@ -163,11 +178,18 @@ def _chunks(items, size: int):
 
 
 def _finished(chunk: list, future: concurrent.futures.Future):
-    yield from zip(chunk, future.result())
+    pixels, reasons = future.result()
+    readable = iter(pixels)
+    yield from ((labelled, next(readable) if reason is None else reason) for labelled, reason in zip(chunk, reasons))
 
 
-def _loaded_images(source, relatives: list[str], image_size: int) -> list[np.ndarray | str]:
-    return [_loaded_image(source, relative, image_size) for relative in relatives]
+def _loaded_images(source, relatives: list[str], image_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """The readable images stacked in one array, and for each file why it was skipped, or None: one array
+    pickled back from a worker cost a tenth of a list of them."""
+    loaded = [_loaded_image(source, relative, image_size) for relative in relatives]
+    pixels = [image for image in loaded if not isinstance(image, str)]
+    reasons = [image if isinstance(image, str) else None for image in loaded]
+    return np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8), reasons
 
 
 def _loaded_image(source, relative: str, image_size: int) -> np.ndarray | str:

@@ -60,10 +60,10 @@ class Folder:
         split or another stored size."""
         digest = hashlib.sha256(json.dumps([FORMAT_VERSION, self.layout, image_size, self.class_names,
                                             self.held_out_quota]).encode())
-        for split in sorted(self.splits):
-            for labelled in self.splits[split]:
-                entry = [split, labelled.label, labelled.file.relative, labelled.file.size, labelled.file.stamp]
-                digest.update(json.dumps(entry).encode())
+        # One list encoded at once: an encoding per file took longer than listing the folder.
+        entries = [[split, labelled.label, labelled.file.relative, labelled.file.size, labelled.file.stamp]
+                   for split in sorted(self.splits) for labelled in self.splits[split]]
+        digest.update(json.dumps(entries).encode())
         return digest.hexdigest()
 
 
