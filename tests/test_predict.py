@@ -209,6 +209,9 @@ def test_csv_cells_are_formula_safe_and_names_print_safely_on_a_terminal(trained
     assert "\x1b" not in out  # JSON escapes it itself (\u001b).
 
 
+MANY = 10_000
+
+
 def interrupt_after_first_rows(model_dir, photos, folder, *flags: str) -> tuple[int, str, str]:
     """Runs predict on the photos with its stdout and stderr in files in `folder`, sends it SIGINT (Ctrl-C) once it
     has classified its first images; returns (exit status, stdout, stderr)."""
@@ -229,12 +232,13 @@ def interrupt_after_first_rows(model_dir, photos, folder, *flags: str) -> tuple[
 
 @pytest.fixture(scope="module")
 def many_photos(tmp_path_factory):
-    """2,000 small PNGs: at one per batch, more than predict classifies in the moment before the signal."""
+    """10,000 small PNGs: at one per batch, predict takes about 20 s for them (4 s for 2,000 finished before a starved
+    test process signalled it), far more than the moment before the signal."""
     root = tmp_path_factory.mktemp("many") / "many"
     root.mkdir()
-    pixels = np.random.default_rng(4).integers(0, 256, (2000, 8, 8, 3), np.uint8)
+    pixels = np.random.default_rng(4).integers(0, 256, (MANY, 8, 8, 3), np.uint8)
     for index, image in enumerate(pixels):
-        Image.fromarray(image).save(root / f"{index:04d}.png")
+        Image.fromarray(image).save(root / f"{index:05d}.png")
     return root
 
 
@@ -258,13 +262,13 @@ def test_ctrl_c_keeps_the_old_output_file_and_the_partial_results_beside_it(trai
         assert header[0] == "path"
         paths = [row[0] for row in rows]
     count = len(paths)
-    assert 0 < count < 2000 and paths == [str(many_photos / f"{index:04d}.png") for index in range(count)]
+    assert 0 < count < MANY and paths == [str(many_photos / f"{index:05d}.png") for index in range(count)]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: interrupted after classifying {count:,} of 2,000 files; their results are in "
+    assert errors == [f"error: interrupted after classifying {count:,} of {MANY:,} files; their results are in "
                       f"{partial}; {output} is left as it was."]
     if kind == "json":
-        assert record["note"] == f"interrupted after classifying {count:,} of 2,000 files: these are their results " \
-                                 "only."
+        assert record["note"] == (f"interrupted after classifying {count:,} of {MANY:,} files: these are their "
+                                  "results only.")
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["stdout", "stderr", output.name,
                                                                        partial.name])
 
@@ -275,10 +279,10 @@ def test_ctrl_c_with_json_on_stdout_prints_the_partial_results_marked_so(trained
     assert status == 130 and "Traceback" not in err, err[-2000:]
     record = json.loads(out)
     count = len(record["predictions"])
-    assert record["partial"] is True and 0 < count < 2000
-    assert record["note"] == f"interrupted after classifying {count:,} of 2,000 files: these are their results only."
+    assert record["partial"] is True and 0 < count < MANY
+    assert record["note"] == f"interrupted after classifying {count:,} of {MANY:,} files: these are their results only."
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted after classifying {count:,} of 2,000 files; the output above holds those only."]
+        f"error: interrupted after classifying {count:,} of {MANY:,} files; the output above holds those only."]
 
 
 def test_output_file_is_replaced_by_the_complete_results(trained_run, photos, tmp_path, capsys):
