@@ -88,6 +88,23 @@ def test_a_gs_folder_that_is_not_a_run_is_refused_before_anything_is_written(cap
     assert bucket.blob("not-a-run/metrics.json").download_as_bytes() == b"{}"
 
 
+def test_a_gs_run_that_a_starting_chief_is_probing_is_accepted_and_a_foreign_file_beside_the_probes_is_not(
+        gcs_bucket):
+    """Another worker of the job checks the folder while the chief's write checks sit in checkpoints/ and logs/ for
+    a moment (a multi-worker run refused its own new folder this way)."""
+    from google.cloud import storage as cloud_storage
+
+    bucket = cloud_storage.Client().bucket(gcs_bucket)
+    bucket.blob("starting/checkpoints/.write-check-1").upload_from_string(b"")
+    bucket.blob("starting/logs/.write-check-2").upload_from_string(b"")
+    model_dir = f"gs://{gcs_bucket}/starting"
+    paths, mirror = storage.open_run(model_dir, 1, retry_seconds=10)
+    storage.check_model_dir_is_a_run(model_dir, paths, mirror)
+    bucket.blob("starting/checkpoints/notes.txt").upload_from_string(b"mine")
+    with pytest.raises(UsageError, match=r"holds files but no run of this trainer .*: checkpoints/\."):
+        storage.check_model_dir_is_a_run(model_dir, paths, mirror)
+
+
 @pytest.mark.parametrize("environment, argv, expected", [
     ({}, ["--model_dir=gs://"], "--model_dir=gs://: the bucket name is missing"),
     ({"AIP_MODEL_DIR": "gs://"}, [], "$AIP_MODEL_DIR=gs://: the bucket name is missing"),

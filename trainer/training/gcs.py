@@ -192,9 +192,11 @@ class Mirror:
         blobs = list(self.client.list_blobs(bucket, prefix=prefix + "/" if prefix else None))
         return sorted(blobs, key=lambda blob: not blob.name.endswith("/" + CHECKPOINT_STATE))
 
-    def remote_names(self, root_index: int) -> list[str]:
-        """The names directly under a root in the bucket: its objects, and its subfolders with a trailing /."""
+    def remote_names(self, root_index: int, subfolder: str = "") -> list[str]:
+        """The names directly under a root in the bucket, or under its `subfolder`: its objects, and its subfolders
+        with a trailing /."""
         bucket, prefix = split_uri(self.roots[root_index].remote)
+        prefix = posixpath.join(prefix, subfolder) if subfolder else prefix
         prefix = prefix + "/" if prefix else ""
 
         def top_level():

@@ -133,7 +133,7 @@ def check_model_dir_is_a_run(model_dir: str, paths: RunPaths, mirror: gcs.Mirror
         names = _local_names(paths.model_dir)
         ours = os.path.exists(paths.config_file) or has_checkpoint(paths)
     else:
-        names = mirror.remote_names(0)
+        names = [name for name in mirror.remote_names(0) if not _ours_and_empty(mirror, name)]
         checkpoint_names = mirror.remote_names(1)
         ours = CONFIG_FILE in names or any(
             name == gcs.CHECKPOINT_STATE or re.fullmatch(r"ckpt-\d+\.index", name) for name in checkpoint_names)
@@ -145,6 +145,13 @@ def check_model_dir_is_a_run(model_dir: str, paths: RunPaths, mirror: gcs.Mirror
         raise UsageError(f"--model_dir={model_dir} holds files but no run of this trainer (no {CONFIG_FILE}, no "
                          f"checkpoints): {shown}. Training would overwrite them; give a new or empty directory, or "
                          "the directory of a run to resume it.")
+
+
+def _ours_and_empty(mirror: gcs.Mirror, name: str) -> bool:
+    """Whether a subfolder in the bucket is one of ours holding nothing but our scratch files, as an empty one is
+    locally: a chief starting the same job puts its write checks there while another worker checks the folder."""
+    return (name.endswith("/") and name[:-1] in _OWN_DIRECTORIES
+            and all(_OWN_LEFTOVERS.fullmatch(inner) for inner in mirror.remote_names(0, name[:-1])))
 
 
 def _local_names(directory: str) -> list[str]:
