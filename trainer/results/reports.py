@@ -77,6 +77,7 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
         fine_tune = [entry["epoch"] for entry in history if entry.get("phase") == "fine_tune"]
         if fine_tune:
             axes.axvline(fine_tune[0] - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # Epochs are whole: no tick at epoch 1.2.
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.set_title(label)
