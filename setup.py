@@ -14,6 +14,9 @@ setuptools.setup(
         "keras>=3.15,<3.16",
         "tensorflow-datasets==4.9.10",
         "importlib_resources",  # tensorflow-datasets 4.9.10 imports it without declaring it.
+        # TensorFlow's dependency, at the containers' locked version (requirements/*.txt): 0.7.0 takes 0.6 s to
+        # import against 0.06 s, in every process that imports TensorFlow.
+        "ml_dtypes<0.7",
         "absl-py",
         "tensorboard",
         "google-cloud-storage",

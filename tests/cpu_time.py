@@ -16,7 +16,7 @@ import pytest
 # Where the workers write their tables, for the controlling process to join at the end: it makes the folder before
 # pytest-xdist starts them, and they inherit its environment.
 TABLES_VARIABLE = "PYTEST_CPU_TIME_TABLES"
-SHOWN = 30
+SHOWN = int(os.environ.get("PYTEST_CPU_TIME_SHOWN", "30"))
 
 
 def pytest_configure(config):
