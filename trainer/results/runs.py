@@ -124,7 +124,8 @@ def _checkpoint_classifier(run_dir: str, data_dir: str | None) -> Classifier:
     elif average is not None:
         average.swap_in()
     inference = tf.function(models.inference_model(
-        model, info.image_shape, tta=config.get("tta", False), tta_translate=config.get("tta_translate", 0)))
+        model, info.image_shape, tta=config.get("tta", False), tta_translate=config.get("tta_translate", 0)),
+        autograph=False)
     return Classifier(lambda images: inference(images, training=False).numpy(), info.image_shape,
                       info.class_names, checkpoint_path)
 

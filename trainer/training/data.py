@@ -162,7 +162,7 @@ def class_counts(builder: tfds.core.DatasetBuilder, split: str, num_classes: int
                                           if name != "label"},
                                 read_config=tfds.ReadConfig(try_autocache=False))
     counts = np.zeros(num_classes, np.int64)
-    for batch in labels.map(lambda example: example["label"]).batch(8192).prefetch(AUTOTUNE):
+    for batch in labels.map(_label).batch(8192).prefetch(AUTOTUNE):
         counts += np.bincount(batch.numpy(), minlength=num_classes)[:num_classes]
     return counts
 
@@ -184,11 +184,32 @@ def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = F
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
         read_config=tfds.ReadConfig(try_autocache=False))
-    examples = examples.map(lambda example: (example["image"], tf.cast(example["label"], tf.int32)),
-                            num_parallel_calls=AUTOTUNE, deterministic=True)
+    examples = examples.map(_image_and_label, num_parallel_calls=AUTOTUNE, deterministic=True)
     if with_index:
-        examples = examples.enumerate().map(lambda index, pair: (*pair, index))
+        examples = examples.enumerate().map(_with_index)
     return examples
+
+
+# The dataset functions here have no Python control flow, so autograph is told not to convert them: it would cost
+# about 0.1 s of CPU each, in every process.
+@tf.autograph.experimental.do_not_convert
+def _label(example: dict) -> tf.Tensor:
+    return example["label"]
+
+
+@tf.autograph.experimental.do_not_convert
+def _image_and_label(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    return example["image"], tf.cast(example["label"], tf.int32)
+
+
+@tf.autograph.experimental.do_not_convert
+def _with_index(index: tf.Tensor, pair: tuple) -> tuple[tf.Tensor, ...]:
+    return (*pair, index)
+
+
+@tf.autograph.experimental.do_not_convert
+def _image(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
+    return image
 
 
 def _stores_raw_pixels(builder: tfds.core.DatasetBuilder) -> bool:
@@ -212,7 +233,7 @@ def _raw_pixel_batches(builder: tfds.core.DatasetBuilder, split: str, with_index
     shape = builder.info.features["image"].shape
     features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
-    @tf.autograph.experimental.do_not_convert  # No Python control flow: converting it cost 0.1 s a process.
+    @tf.autograph.experimental.do_not_convert  # As the functions above.
     def parsed(batch_index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_example(serialized, features)
         images = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (-1, *shape))
@@ -241,9 +262,14 @@ def _records_in_order(builder: tfds.core.DatasetBuilder, instructions) -> tf.dat
                                                 np.array([instruction.skip for instruction in instructions], np.int64),
                                                 np.array([instruction.take for instruction in instructions], np.int64)))
     return files.interleave(
-        lambda path, skip, take: tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).skip(skip).take(take),
+        _records_of_one_file,
         cycle_length=1 if builder.info.disable_shuffling else TFDS_INTERLEAVE_CYCLE,
         block_length=tfds.ReadConfig().interleave_block_length, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+@tf.autograph.experimental.do_not_convert
+def _records_of_one_file(path: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
+    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).skip(skip).take(take)
 
 
 def _one_run(instructions) -> bool:
@@ -257,7 +283,7 @@ def _one_run(instructions) -> bool:
 def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:
     """The first `count` images of a split (in its fixed order), as one uint8 array."""
     # Not through the cache: a cache read in part is discarded, with a warning in the job's log.
-    images = _decoded(builder, split).take(count).map(lambda image, label: image).batch(count)
+    images = _decoded(builder, split).take(count).map(_image).batch(count)
     return next(iter(images)).numpy()
 
 

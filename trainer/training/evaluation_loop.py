@@ -41,13 +41,16 @@ class EvaluationLoop:
             self.eval_confusion.assign_add(tf.math.confusion_matrix(
                 labels, tf.argmax(probabilities, axis=-1), self.info.num_classes, weights=weights, dtype=tf.float32))
 
-        compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
+        compiled_step = (tf.function(replica_step, jit_compile=True, autograph=False) if self.jit_compile
+                         else replica_step)
 
-        @tf.function
+        @tf.function(autograph=False)  # As the training loop (see there): written out, not converted.
         def eval_loop(iterator, num_steps):
-            for _ in tf.range(num_steps):
-                images, labels = next(iterator)
-                self.strategy.run(compiled_step, args=(images, labels))
+            def one_step(index):
+                self.strategy.run(compiled_step, args=next(iterator))
+                return index + 1
+
+            tf.while_loop(lambda index: index < num_steps, one_step, (tf.constant(0),))
 
         return eval_loop
 

@@ -22,7 +22,7 @@ def feature_table(network: network_lib.Network, inputs: data.Inputs, views: int,
     count, dimension = inputs.num_train_examples, network.features.output.shape[-1]
     table = np.zeros((count, views, dimension), np.float32)
 
-    @tf.function
+    @tf.function(autograph=False)  # Branches on Python values only.
     def extract(images, indices, view):
         images = tf.cast(images, tf.float32)
         if augment_config.enabled:

@@ -109,12 +109,14 @@ class TrainingLoop:
         phase_steps = (phase.end_epoch - phase.first_epoch) * self.steps_per_epoch
         replica_step = functools.partial(self.train_step, phase, self._phase_forward(phase))
         # Without XLA the step is traced inline into the loop; with it, it is its own compiled cluster.
-        compiled_step = tf.function(replica_step, jit_compile=True) if self.jit_compile else replica_step
+        compiled_step = (tf.function(replica_step, jit_compile=True, autograph=False) if self.jit_compile
+                         else replica_step)
 
-        @tf.function
+        # No autograph, here or in anything the step calls: the loop is written out, and the rest has no Python
+        # control flow over tensors. Converting this code cost every process about 2 s of CPU before it trained.
+        @tf.function(autograph=False)
         def train_loop(iterator, num_steps, first_step):
-            losses = tf.TensorArray(tf.float32, size=num_steps)
-            for index in tf.range(num_steps):
+            def one_step(index, losses):
                 images, labels, indices = next(iterator)
                 step = first_step + tf.cast(index, tf.int64)
                 replica_losses = self.strategy.run(compiled_step, args=(images, labels, indices, step))
@@ -123,6 +125,10 @@ class TrainingLoop:
                     lookahead.update(self.strategy, optimizer.iterations, phase_steps)
                 if average is not None:
                     average.update(self.strategy)
+                return index + 1, losses
+
+            _, losses = tf.while_loop(lambda index, _: index < num_steps, one_step,
+                                      (tf.constant(0), tf.TensorArray(tf.float32, size=num_steps)))
             return losses.stack()
 
         return train_loop
