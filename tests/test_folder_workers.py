@@ -1,6 +1,6 @@
-"""Folder datasets across workers and runs: two worker processes prepare a folder once (the chief) and train one
-model on it; a chief's refusal stops the other worker too; an interrupted run on a folder resumes to the same
-weights."""
+"""Folder datasets across workers and runs: a chief's refusal stops the other worker too, and the launcher does not
+restart them; an interrupted run on a folder resumes to the same weights. (Two workers training on the copy the chief
+prepared: tests/test_multiworker.py's Vertex AI cluster test.)"""
 
 import re
 
@@ -24,28 +24,15 @@ def folder_run(folder, tmp_path, *extra: str) -> list[str]:
             "--early_stopping_patience=0", *extra]
 
 
-def test_two_workers_train_on_one_copy_the_chief_prepared(tmp_path, pictures):
-    folder = tmp_path / "pets"
-    image_folders.make_class_folder(folder, pictures)
-    launch = Launch("--workers=2", "--", *folder_run(folder, tmp_path))
-    assert launch.finish() == 0, launch.text()[-5000:]
-    assert launch.matches(r"\[worker 0\].*: preparing 30 images of 3 classes")
-    assert not launch.matches(r"\[worker 1\].*: preparing"), launch.text()[-5000:]
-    assert launch.matches(r"\[worker 1\].*waiting for the chief to prepare")
-    assert launch.matches(r"\[worker 1\].*using its prepared copy in .*6 validation, 24 train images")
-    fingerprints = {match.group(1): match.group(2) for match in
-                    re.finditer(r"\[worker (\d)\].*Final weights fingerprint (\w+)", launch.text())}
-    assert len(fingerprints) == 2 and len(set(fingerprints.values())) == 1, fingerprints
-    assert len(list((tmp_path / "tfds" / "image_folder").iterdir())) == 1  # One prepared copy, nothing half-written.
-
-
-def test_a_folder_the_chief_refuses_stops_the_other_worker_with_the_same_line(tmp_path, pictures):
+def test_a_folder_the_chief_refuses_stops_the_other_worker_with_the_same_line_and_no_restart(tmp_path, pictures):
     folder = tmp_path / "pets"
     image_folders.make_class_folder(folder, {name: images[:4] for name, images in pictures.items()})
     for picture in (folder / "ship").iterdir():  # Listed as images; found unreadable only when decoded.
         picture.write_bytes(b"not a picture")
-    launch = Launch("--workers=2", "--", *folder_run(folder, tmp_path, "--validation_fraction=0.25"))
+    launch = Launch("--workers=2", "--restarts=2", "--", *folder_run(folder, tmp_path, "--validation_fraction=0.25"))
     assert launch.finish() == 2, launch.text()[-5000:]
+    # A usage error is not retried: its restarts would fail the same way.
+    assert len(launch.matches(r"Started worker 0 \(pid")) == 1, launch.text()[-5000:]
     refusals = {match.group(1): match.group(2) for match in
                 re.finditer(r"\[worker (\d)\] error: (.*)", launch.text())}
     assert set(refusals) == {"0", "1"} and len(set(refusals.values())) == 1, refusals

@@ -1,5 +1,5 @@
-"""gs:// run directories against a real Cloud Storage emulator: outputs land, mirrored as the run goes and by the
-chief only, uploads resume and are verified, runs resume, bad buckets fail early."""
+"""gs:// run directories against a real Cloud Storage emulator: outputs land, mirrored as the run goes (by the chief
+only: tests/test_multiworker.py), uploads resume and are verified, runs resume, bad buckets fail early."""
 
 import json
 import os
@@ -106,26 +106,6 @@ def wait_for_checkpoint_in_bucket(bucket: str, prefix: str, process, log, timeou
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint reached gs://{bucket}/{prefix} while the trainer ran (status "
                          f"{process.poll()}):\n{log.read_text()[-3000:]}")
-
-
-def test_in_a_multi_worker_run_only_the_chief_uploads(cifar_dir, gcs_bucket):
-    """Vertex AI's layout (launch.local --cluster_env=cluster_spec): worker 0 is the chief, of worker pool 0, and
-    worker 1 is index 0 of pool 1, on the same machine here."""
-    model_dir = f"gs://{gcs_bucket}/runs/two-workers"
-    trainer_flags = [f"--data_dir={cifar_dir}", f"--model_dir={model_dir}", "--train_split=train[:256]",
-                     "--eval_split=test[:64]", "--batch_size=64", "--steps_per_epoch=2", "--epochs=1",
-                     "--checkpoint_steps=1", "--steps_per_loop=1", "--early_stopping_patience=0"]
-    result = run_task("--workers=2", "--cluster_env=cluster_spec", "--grace_seconds=20", "--", *trainer_flags,
-                      module="launch.local", timeout=150)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    mirrored_by = {int(worker) for worker in re.findall(r"^\[worker (\d)\].*Mirrored \d+ file", result.stdout, re.M)}
-    assert mirrored_by == {0}, result.stdout[-5000:]
-    working_dirs = dict(re.findall(r"^\[worker (\d)\].*Working in (\S+);", result.stdout, re.M))
-    assert len(working_dirs) == 2 and len(set(working_dirs.values())) == 2, working_dirs
-    files = bucket_files(gcs_bucket, "runs/two-workers")
-    assert {"metrics.json", "export/saved_model.pb", "checkpoints/checkpoint", "checkpoints/ckpt-2.index"} <= set(
-        files), files
-    assert not [name for name in files if re.search(r"worker|\.tmp-|write-check|partial", name)], files
 
 
 class RecordingTransport(requests.Session):
