@@ -214,8 +214,9 @@ def test_a_preempted_dead_or_hung_worker_stops_the_cluster_and_each_restart_resu
     that only its missing heartbeats tell worker 0. One job rather than three, as each attempt costs two processes
     of TensorFlow."""
     heartbeat_timeout, steps_per_epoch, steps_per_loop = 5, 2560 // 64, 5
-    # Collective timeout and grace period far beyond the bound: only failure detection can meet it.
-    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:2560]", "--epochs=2",
+    # One epoch of 40 steps, each interruption a few steps after the last. Collective timeout and grace period far
+    # beyond the bound: only failure detection can meet it.
+    flags = worker_flags(cifar_dir, tmp_path, "--train_split=train[:2560]", "--epochs=1",
                          f"--steps_per_loop={steps_per_loop}", "--checkpoint_steps=5",
                          f"--heartbeat_timeout={heartbeat_timeout}", "--collective_timeout=300", "--v=1")
     launch = Launch("--workers=2", "--restarts=3", "--grace_seconds=120", "--", *flags)
@@ -232,8 +233,8 @@ def test_a_preempted_dead_or_hung_worker_stops_the_cluster_and_each_restart_resu
     resumed = [int(match.group(1)) for match in launch.matches(r"\[worker 0\].*Resumed from .*ckpt-(\d+)\b")]
     assert resumed == resume_points and resume_points[1] % steps_per_epoch, resume_points  # Killed mid-epoch.
     assert f"Resumed from {tmp_path / 'checkpoints' / f'ckpt-{resume_points[0]}'}" in launch.text()
-    assert read_metrics(tmp_path)["epochs_completed"] == 2
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{2 * steps_per_epoch}")
+    assert read_metrics(tmp_path)["epochs_completed"] == 1
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(f"ckpt-{steps_per_epoch}")
 
 
 def test_launcher_exits_non_zero_after_its_restarts_are_used_up(cifar_dir, tmp_path):
