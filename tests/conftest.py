@@ -3,9 +3,14 @@ emulator (the helper functions live in helpers.py)."""
 
 import contextlib
 import os
+import signal
 import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A suite started in the background (`command &` in a script) inherits SIGINT ignored, and so would every process
+# its tests start: pressing Ctrl-C on one would do nothing. A handler here gives them the default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
