@@ -6,10 +6,12 @@ import pathlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import image_folders
 from image_folders import CLASSES
+from trainer import image_files
 from trainer.training import data
 from trainer.training import folder_dataset
 from trainer.training import image_folder
@@ -206,13 +208,34 @@ def test_the_command_line_refuses_a_folder_in_one_line(capsys, tmp_path):
     assert "--dataset=" in line and "no such folder" in line
 
 
-def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_path, pictures, cifar_dir):
+def test_stored_examples_are_the_ones_tfds_would_write(tmp_path, pictures):
+    """The workers serialize the examples themselves; TFDS's own serializer for the builder's features agrees."""
+    root = tmp_path / "few"
+    image_folders.make_class_folder(root, {name: pictures[name][:3] for name in CLASSES})
+    builder = folder_dataset.ImageFolderBuilder(image_folder.discover(str(root), 0.0), 32, str(tmp_path / "tfds"))
+    builder.download_and_prepare()
+    paths = [os.fspath(instruction.filename) for split in builder.info.splits.values()
+             for instruction in split.file_instructions]
+    names = []
+    for record in tf.data.TFRecordDataset(paths).as_numpy_iterator():
+        ours = tf.train.Example.FromString(record)
+        name = ours.features.feature["file_name"].bytes_list.value[0].decode()
+        label = builder.folder.class_names.index(name.split("/")[0])
+        image = image_files.load_image(str(root / name), (32, 32, 3))
+        expected = builder.info.features.serialize_example({"image": image, "label": label, "file_name": name})
+        assert ours == tf.train.Example.FromString(expected), name
+        names.append(name)
+    assert sorted(names) == sorted(str(path.relative_to(root)) for path in root.glob("*/*"))
+
+
+def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_path, pictures, cifar_dir, monkeypatch):
     root = tmp_path / "many"
     image_folders.make_class_folder(root, {name: pictures[name] * 2 for name in CLASSES})  # 60 images.
     builder = folder_dataset.ImageFolderBuilder(image_folder.discover(str(root), 0.1), 32, str(tmp_path / "tfds"))
-    # Three shards of about 18 training images: TFDS interleaves them in blocks of 16, which the batched reader
-    # must follow, since an example's position names it for exact resume and the feature cache.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    # Shards of 18 examples of 32x32x3 bytes (and a little more): three of the 54 training images. The reader follows
+    # TFDS's order over them, since an example's position names it for exact resume and the feature cache.
+    monkeypatch.setattr(folder_dataset, "SHARD_BYTES", 18 * 32 * 32 * 3)
+    builder.download_and_prepare()
     assert data._stores_raw_pixels(builder) and builder.info.splits["train"].num_shards == 3
     assert not data._stores_raw_pixels(tfds.builder("cifar10", data_dir=cifar_dir))
     for split in ("train", "train[10%:70%]", "validation"):

@@ -1,5 +1,6 @@
-"""A folder of images prepared once into TFDS shards in --data_dir (decoded in parallel, resized to the stored
-size), then read back like any TFDS dataset; with the summary of what was prepared and what was skipped."""
+"""A folder of images prepared once into TFDS shards in --data_dir (decoded and serialized in parallel, resized to
+the stored size), then read back like any TFDS dataset; with the summary of what was prepared and what was
+skipped."""
 
 import collections
 import concurrent.futures
@@ -11,7 +12,9 @@ import random
 from absl import logging
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_builder
 
 from trainer.training import image_folder
 from trainer.training import gcs
@@ -29,6 +32,8 @@ SKIPPED_FILES = "skipped_files.txt"
 NAMED_IN_SUMMARY = 5
 # Images a worker process decodes per task: one at a time, the pool's own bookkeeping cost as much as decoding them.
 CHUNK = 64
+# Bytes of examples per shard file (TFDS's own writer made 2 shards of a 20,000-image folder at 64x64).
+SHARD_BYTES = 128 * 1024 * 1024
 
 
 def stored_image_size(image_size: int | None) -> int:
@@ -37,9 +42,14 @@ def stored_image_size(image_size: int | None) -> int:
     return image_size or DEFAULT_IMAGE_SIZE
 
 
-class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=True):
     """One folder at one stored size; its config name carries the folder's fingerprint, so a changed folder is
-    prepared into a new directory and an unchanged one is found prepared."""
+    prepared into a new directory and an unchanged one is found prepared.
+
+    It reads like any TFDS dataset, but writes its shards itself: TFDS's GeneratorBasedBuilder encodes and
+    serializes every example in this one process, which cost as much as the workers' decoding; here the workers
+    hand back examples already serialized as TFDS would have, and this process only writes them.
+    """
 
     name = "image_folder"
     # 2.0.0: raw uint8 pixels instead of PNG (a copy prepared as 1.0.0 is prepared again, in its own directory).
@@ -78,38 +88,45 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         """The folder as the user gave it: the dataset's name in metrics.json and reports."""
         return self.folder.root
 
-    def _split_generators(self, dl_manager):
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        del dl_manager, download_config  # Nothing to download: the folder is read where it is.
         # In the order of folder.splits: a held-out split chosen by quota comes first, and training takes the rest.
-        return {split: self._generate_examples(split) for split in self.folder.splits}
+        split_infos = []
+        for split in self.folder.splits:
+            template = self._get_filename_template(split_name=split)
+            shard_lengths, num_bytes = _write_shards(template, self._serialized_examples(split))
+            self._check_every_class_kept(split)
+            split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths, num_bytes=num_bytes,
+                                                   filename_template=template))
+        self.info.set_splits(tfds.core.SplitDict(split_infos))
+        # Written with the dataset's info, and read back with it on later runs.
+        self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
+                                   "counts": self.counts, "unreadable": sorted(self.unreadable)})
 
-    def _generate_examples(self, split: str):
+    def _serialized_examples(self, split: str):
+        """The split's readable images as serialized examples, in the files' order; the others in self.unreadable."""
         if split != image_folder.TRAIN_SPLIT and self.folder.held_out_quota:
-            decoded = self._held_out_decoded(split)
+            prepared = self._held_out_prepared(split)
         else:
             files = self.folder.splits[split]
             if self.folder.held_out_quota:
                 files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
-            decoded = _decoded_in_parallel(self.folder, files, self.image_size)
+            prepared = _prepared_in_parallel(self.folder, files, self.image_size)
         kept = self.counts[split]
         unreported = 0  # Images not yet counted on the progress bar: one update per image cost 5% of preparing.
-        for labelled, encoded in decoded:
+        for labelled, example in prepared:
             unreported += 1
             if unreported == CHUNK:
                 self._progress.update(unreported)
                 unreported = 0
-            if isinstance(encoded, str):
-                self.unreadable.append((labelled.file.relative, encoded))
+            if isinstance(example, str):
+                self.unreadable.append((labelled.file.relative, example))
                 continue
             kept[labelled.label] += 1
-            yield labelled.file.relative, {"image": encoded, "label": labelled.label,
-                                           "file_name": labelled.file.relative}
+            yield example
         self._progress.update(unreported)
-        self._check_every_class_kept(split)
-        # Written with the dataset's info once the last split is generated, and read back with it on later runs.
-        self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
-                                   "counts": self.counts, "unreadable": sorted(self.unreadable)})
 
-    def _held_out_decoded(self, split: str):
+    def _held_out_prepared(self, split: str):
         """The held-out split chosen by quota: each class's first files in their ranked order, as many as its share,
         then the next ones only in place of files that could not be read. Every file it took, readable or not, is
         in self._held_out; training takes the rest."""
@@ -119,10 +136,10 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             untried[labelled.label].append(labelled)
         while wanted := [untried[label].popleft() for label, share in enumerate(quota)
                          for _ in range(min(share - kept[label], len(untried[label])))]:
-            # _generate_examples counts each image as it takes it, so `kept` is up to date for the next round.
-            for labelled, encoded in _decoded_in_parallel(self.folder, wanted, self.image_size):
+            # _serialized_examples counts each image as it takes it, so `kept` is up to date for the next round.
+            for labelled, example in _prepared_in_parallel(self.folder, wanted, self.image_size):
                 self._held_out.add(labelled.file.relative)
-                yield labelled, encoded
+                yield labelled, example
 
     def _check_every_class_kept(self, split: str) -> None:
         for name, count in zip(self.folder.class_names, self.counts[split]):
@@ -138,15 +155,15 @@ def config_name(folder: image_folder.Folder, image_size: int) -> str:
     return f"{readable}_{image_size}px_{folder.fingerprint(image_size)[:16]}"
 
 
-def _decoded_in_parallel(folder: image_folder.Folder, files, image_size: int):
-    """(file, pixels or the reason it was skipped) in the files' order, decoded by a pool of workers in chunks. A
-    bounded window of chunks keeps memory flat."""
+def _prepared_in_parallel(folder: image_folder.Folder, files, image_size: int):
+    """(file, its serialized example or the reason it was skipped) in the files' order, prepared by a pool of workers
+    in chunks. A bounded window of chunks keeps memory flat."""
     pool, workers, chunk_size = _decoding_pool(folder)
     window = collections.deque()
     with pool:
         for chunk in _chunks(files, chunk_size):
-            relatives = [labelled.file.relative for labelled in chunk]
-            window.append((chunk, pool.submit(_loaded_images, folder.source, relatives, image_size)))
+            labelled_files = [(labelled.file.relative, labelled.label) for labelled in chunk]
+            window.append((chunk, pool.submit(_serialized_chunk, folder.source, labelled_files, image_size)))
             if len(window) >= 2 * workers:
                 yield from _finished(*window.popleft())
         while window:
@@ -159,9 +176,9 @@ def _decoding_pool(folder: image_folder.Folder) -> tuple[concurrent.futures.Exec
     A local folder is decoded by forked processes, which start in milliseconds with what this process imported
     (spawned ones would import the job's main module, TensorFlow and all): Pillow's Python code holds the GIL about
     as long as its decoder runs, so threads kept one core of two busy (benchmarks/run.py --only=folder measures
-    preparation). Tasks of CHUNK images keep the pool's own cost small. The workers run only Pillow and numpy,
-    none of the locks of this process's other threads. Cloud Storage reads wait on the network: there a pool of
-    threads overlaps them, an image at a time.
+    preparation). Tasks of CHUNK images keep the pool's own cost small. The workers run only Pillow, numpy and
+    protobuf's message classes, none of TensorFlow's runtime or the locks of this process's other threads. Cloud
+    Storage reads wait on the network: there a pool of threads overlaps them, an image at a time.
     """
     if gcs.is_gcs(folder.root) or "fork" not in multiprocessing.get_all_start_methods():
         workers = 16 if gcs.is_gcs(folder.root) else max(2, len(os.sched_getaffinity(0)))
@@ -178,18 +195,50 @@ def _chunks(items, size: int):
 
 
 def _finished(chunk: list, future: concurrent.futures.Future):
-    pixels, reasons = future.result()
-    readable = iter(pixels)
-    yield from ((labelled, next(readable) if reason is None else reason) for labelled, reason in zip(chunk, reasons))
+    yield from zip(chunk, future.result())
 
 
-def _loaded_images(source, relatives: list[str], image_size: int) -> tuple[np.ndarray, list[str | None]]:
-    """The readable images stacked in one array, and for each file why it was skipped, or None: one array
-    pickled back from a worker cost a tenth of a list of them."""
-    loaded = [_loaded_image(source, relative, image_size) for relative in relatives]
-    pixels = [image for image in loaded if not isinstance(image, str)]
-    reasons = [image if isinstance(image, str) else None for image in loaded]
-    return np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8), reasons
+def _serialized_chunk(source, labelled_files: list[tuple[str, int]], image_size: int) -> list[bytes | str]:
+    """For each (file, label): its example, serialized, or why the file was skipped."""
+    prepared = []
+    for relative, label in labelled_files:
+        image = _loaded_image(source, relative, image_size)
+        prepared.append(image if isinstance(image, str) else serialized_example(image, label, relative))
+    return prepared
+
+
+def serialized_example(image: np.ndarray, label: int, file_name: str) -> bytes:
+    """The tf.train.Example TFDS writes for ImageFolderBuilder's features (tests/test_image_folder.py compares them):
+    the image's raw bytes, its label and its file name."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[file_name.encode("utf-8")])),
+    })).SerializeToString()
+
+
+def _write_shards(template, examples) -> tuple[list[int], int]:
+    """Writes serialized examples in their order into shards of about SHARD_BYTES, named as TFDS names them (their
+    count is known only at the end); returns the examples in each shard and the bytes of examples written."""
+    paths, shard_lengths, num_bytes, shard_bytes, writer = [], [], 0, 0, None
+    try:
+        for example in examples:
+            if writer is None or shard_bytes >= SHARD_BYTES:
+                if writer is not None:
+                    writer.close()
+                paths.append(f"{template.filepath_prefix()}.shard-{len(paths):05d}")
+                writer, shard_bytes = tf.io.TFRecordWriter(paths[-1]), 0
+                shard_lengths.append(0)
+            writer.write(example)
+            shard_lengths[-1] += 1
+            shard_bytes += len(example)
+            num_bytes += len(example)
+    finally:
+        if writer is not None:
+            writer.close()
+    for index, path in enumerate(paths):
+        tf.io.gfile.rename(path, os.fspath(template.sharded_filepath(shard_index=index, num_shards=len(paths))))
+    return shard_lengths, num_bytes
 
 
 def _loaded_image(source, relative: str, image_size: int) -> np.ndarray | str:
