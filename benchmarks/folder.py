@@ -42,6 +42,9 @@ JPEG_QUALITY = 90
 VALIDATION_FRACTION = 0.1
 # Epochs of our pipeline timed after preparation: the first decodes the shards, the others read the memory cache.
 EPOCHS = 4
+# The three timings the goals compare (a Keras epoch, our preparation, our first epoch) are each the median of this
+# many runs: a single run of one of them varied by a third from one run of the benchmark to the next.
+REPEATS = 3
 # The issue's goals: preparation / one Keras epoch, a later epoch / one Keras epoch, training from the folder /
 # training from synthetic data.
 GOALS = {"preparation": 1.0, "epoch": 10.0, "training": 0.95}
@@ -55,14 +58,20 @@ def benchmark(flag_values: flags.FlagValues, cifar_data_dir: str, make_steps, lo
     images = flag_values.folder_images
     root = make_folder(work_dir / f"cifar10_jpeg_{images}", images, cifar_data_dir)
     read_every_file(root)  # Both readers then find the files in the page cache, as a second run would.
-    keras_epoch = time_keras_epoch(root)
+    keras_epoch = median_run([time_keras_epoch(root) for _ in range(REPEATS)])
     prepared_dir = work_dir / "prepared"
-    shutil.rmtree(prepared_dir, ignore_errors=True)  # Prepared afresh: a reused copy would take no time at all.
-    began = time.perf_counter()
-    builder = folder_dataset.load(str(root), str(prepared_dir), image_size=IMAGE_SIZE,
-                                  validation_fraction=VALIDATION_FRACTION)
-    preparation = {"seconds": time.perf_counter() - began, "images": flag_values.folder_images}
-    epochs = time_our_epochs(builder)
+    preparations = []
+    for _ in range(REPEATS):
+        shutil.rmtree(prepared_dir, ignore_errors=True)  # Prepared afresh: a reused copy would take no time at all.
+        began = time.perf_counter()
+        builder = folder_dataset.load(str(root), str(prepared_dir), image_size=IMAGE_SIZE,
+                                      validation_fraction=VALIDATION_FRACTION)
+        preparations.append({"seconds": time.perf_counter() - began, "images": flag_values.folder_images})
+    preparation = median_run(preparations)
+    # Each first epoch from a new pipeline, which reads the shards again; the last one goes on to the later epochs.
+    first_epochs = [time_our_epochs(builder, 1)[0] for _ in range(REPEATS - 1)]
+    epochs = time_our_epochs(builder, EPOCHS)
+    epochs[0] = median_run([*first_epochs, epochs[0]])
     training = [train_from_folder(model, str(root), str(prepared_dir), make_steps, loop_runner, timed_rounds)
                 for model in flag_values.folder_models]
     return {"images": flag_values.folder_images, "source_size": SOURCE_SIZE, "image_size": IMAGE_SIZE,
@@ -95,6 +104,12 @@ def make_folder(root: pathlib.Path, count: int, cifar_data_dir: str) -> pathlib.
     return root
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median seconds, with every run's seconds beside it."""
+    median = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+    return {**median, "runs_seconds": [run["seconds"] for run in runs]}
+
+
 def read_every_file(root: pathlib.Path) -> None:
     for path in root.glob("*/*.jpg"):
         path.read_bytes()
@@ -111,16 +126,17 @@ def time_keras_epoch(root: pathlib.Path) -> dict:
     return {"seconds": seconds, "images": images, "images_per_second": images / seconds}
 
 
-def time_our_epochs(builder) -> list[dict]:
-    """Training batches as a run reads them (shuffled, batched, cached uint8), epoch after epoch."""
+def time_our_epochs(builder, count: int) -> list[dict]:
+    """Training batches as a run reads them (shuffled, batched, cached uint8), for `count` epochs of a new
+    pipeline."""
     info = data.dataset_info(builder, "train", "validation")
     steps_per_epoch = info.num_train_examples // BATCH_SIZE
     inputs = data.Inputs(builder, info, train_split="train", eval_split="validation", global_batch_size=BATCH_SIZE,
                          steps_per_epoch=steps_per_epoch, seed=0)
     epochs = []
     began = time.perf_counter()  # The first epoch includes making the pipeline, whatever it reads then.
-    iterator = iter(inputs.training(tf.distribute.InputContext(), 0, EPOCHS, 0))
-    for epoch in range(EPOCHS):
+    iterator = iter(inputs.training(tf.distribute.InputContext(), 0, count, 0))
+    for epoch in range(count):
         if epoch:
             began = time.perf_counter()
         for _ in range(steps_per_epoch):

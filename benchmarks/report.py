@@ -159,16 +159,19 @@ def folder_rows(results: dict) -> list[str]:
     lines = ["", f"| Folder of {section['images']:,} JPEGs ({section['source_size']}x{section['source_size']}), read "
              f"at {size}x{size} | Result | Goal | How | Measured |", "|---|---|---|---|---|",
              f"| One epoch of Keras `image_dataset_from_directory` | {_seconds_and_rate(keras_epoch)} | the "
-             f"reference | listing and decoding every image, batch {section['batch_size']}, read to the end | {when} |"]
+             f"reference | listing and decoding every image, batch {section['batch_size']}, read to the end"
+             f"{_median_of(keras_epoch)} | {when} |"]
     preparation = {**section["preparation"], "images_per_second":
                    section["preparation"]["images"] / section["preparation"]["seconds"]}
     lines.append(f"| Our preparation (`trainer.folder_dataset`) | {_seconds_and_rate(preparation)}, "
                  f"{_against_keras(preparation, keras_epoch)} | {_goal(preparation, keras_epoch, goals['preparation'])}"
-                 f" | listing, decoding, resizing and writing the shards into an empty `--data_dir` | {when} |")
+                 f" | listing, decoding, resizing and writing the shards into an empty `--data_dir`"
+                 f"{_median_of(preparation)} | {when} |")
     for number, epoch in enumerate(section["epochs"], 1):
         lines.append(f"| Our epoch {number} after preparing | {_seconds_and_rate(epoch)}, "
                      f"{_against_keras(epoch, keras_epoch)} | {_goal(epoch, keras_epoch, goals['epoch'])} | the "
-                     f"training split's shuffled uint8 batches as a run reads them, from {epoch['from']} | {when} |")
+                     f"training split's shuffled uint8 batches as a run reads them, from {epoch['from']}"
+                     f"{_median_of(epoch)} | {when} |")
     for row in section["training"]:
         met = "met" if row["ratio"] >= goals["training"] else "**not met**"
         lines.append(f"| Training `{row['model']}` from the folder | {row['folder']:,.0f} img/s, synthetic "
@@ -176,6 +179,14 @@ def folder_rows(results: dict) -> list[str]:
                      f"`--image_size={size}`, {row['precision']}, batch {section['batch_size']}, "
                      f"{row['steps_per_loop']} steps per call; synthetic = one in-memory batch | {when} |")
     return lines
+
+
+def _median_of(timing: dict) -> str:
+    """How many runs a timing is the median of, and their seconds (older results hold one run)."""
+    runs = timing.get("runs_seconds")
+    if not runs:
+        return ""
+    return f"; median of {len(runs)} runs ({', '.join(f'{seconds:.2f}s' for seconds in runs)})"
 
 
 def _seconds_and_rate(timing: dict) -> str:
