@@ -40,7 +40,8 @@ def markdown(results: dict) -> str:
 
 
 def headline(results: dict) -> str:
-    """The README's few lines: the seed recipe (the notebook's CNN) and the fast recipe's seeds."""
+    """The README's few lines: the seed recipe (the notebook's CNN) and the fast recipe's seeds, then a folder of
+    one's own images against Keras's reader, with the goals it was set."""
     lines = ["| Recipe (full CIFAR-10 test set) | Test accuracy | Time on 2 CPU cores | Command |", "|---|---|---|---|"]
     if "seed" in results:
         run = results["seed"]
@@ -54,7 +55,7 @@ def headline(results: dict) -> str:
         when = f"94% after {progress.format_duration(reached)}" if reached else "94% not reached"
         lines.append(f"| `--recipe=fast`, airbench94's network and 10 epochs | {run['test_accuracy']:.2%} | {when} "
                      f"({short_cpu(run['measured']['cpu'])}) | `{run['command']}` |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + folder_rows(results)) + "\n"
 
 
 def describe_machine(machine: dict) -> str:
