@@ -187,8 +187,14 @@ def test_resuming_with_different_flags_is_refused_and_keeps_the_run(capsys, smok
 def test_real_process_exit_codes_for_a_flag_error_and_a_usage_error(tmp_path):
     parse_error = run_task("--model=vgg16")
     assert single_error_line(parse_error).startswith("error: flag --model=vgg16") and parse_error.returncode == 2
-    usage_error = run_task("--batch_size=0", f"--model_dir={tmp_path}")
+    # The job as its entry point runs it, reporting whether TensorFlow (seconds to load) was loaded by the end.
+    script = ("import runpy, sys\nsys.argv = ['trainer.task', '--batch_size=0', '--model_dir=" + str(tmp_path) + "']\n"
+              "try:\n    runpy.run_module('trainer.task', run_name='__main__')\n"
+              "finally:\n    print('tensorflow' in sys.modules)\n")
+    usage_error = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                                 cwd=helpers.ROOT, env={**os.environ, "PYTHONPATH": str(helpers.ROOT)})
     assert "--batch_size=0" in single_error_line(usage_error) and usage_error.returncode == 2
+    assert usage_error.stdout.strip() == "False"  # Refused at once, before TensorFlow loads.
 
 
 def test_unreachable_tpu_gets_one_clear_line(tmp_path):

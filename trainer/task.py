@@ -14,11 +14,12 @@ FLAGS = config_lib.define_flags(cli.flag_registry())
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help).")
+    config = config_lib.config_from_flags(FLAGS)  # A bad value is refused at once, before TensorFlow loads.
     # Imported here, after cli.exit_on_sigterm: TensorFlow takes seconds to import, and a SIGTERM meanwhile must
     # end the process with its documented status, not kill it.
     from trainer.training import train
 
-    train.run(config_lib.config_from_flags(FLAGS))
+    train.run(config)
 
 
 if __name__ == "__main__":
