@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -122,17 +123,17 @@ def test_bad_flags_are_one_error_line_and_exit_status_2(trained_run, capsys, arg
     assert status == 2 and len(errors) == 1 and message in errors[0] and not out
 
 
-def test_the_command_names_each_unreadable_path_and_exits_1(trained_run, photos, tmp_path):
+def test_the_command_names_each_unreadable_path_and_exits_1(trained_run, photos, tmp_path, capsys, caplog):
     model_dir, _ = trained_run
-    result = run_task(f"--model_dir={model_dir}", str(photos / "odd.png"), str(photos / "notes.txt"),
-                      str(tmp_path / "missing.png"), module="trainer.predict")
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    caplog.set_level(logging.INFO)
+    status, out, errors = run_predict(capsys, f"--model_dir={model_dir}", str(photos / "odd.png"),
+                                      str(photos / "notes.txt"), str(tmp_path / "missing.png"))
+    assert status == 1
     assert errors == [f"error: {tmp_path / 'missing.png'}: no such file or directory",
                       f"error: {photos / 'notes.txt'}: not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or "
                       "TIFF expected)"]
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["file", str(photos / "odd.png")]
-    assert "classified" not in result.stderr  # One batch: no progress to show.
+    assert [line.split()[0] for line in out.splitlines()] == ["file", str(photos / "odd.png")]
+    assert "classified" not in caplog.text  # One batch: no progress to show.
 
 
 def test_an_eps_file_is_refused_by_name_not_handed_to_ghostscript(trained_run, tmp_path, capsys):
