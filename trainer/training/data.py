@@ -226,8 +226,8 @@ def _raw_pixel_batches(builder: tfds.core.DatasetBuilder, split: str, with_index
 
     TFDS parses one record at a time, and for small images its per-example cost made a run's first epoch slower
     than reading the bytes (benchmarks/run.py --only=folder). The order must stay as_dataset's, which names each
-    example's index for exact resume and the feature cache: its shards interleaved in blocks
-    (tests/test_image_folder.py compares the two).
+    example's index for exact resume and the feature cache (see _records_in_order; tests/test_image_folder.py
+    compares the two).
     """
     records = _records_in_order(builder, builder.info.splits[split].file_instructions)
     shape = builder.info.features["image"].shape

