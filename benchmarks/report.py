@@ -195,7 +195,9 @@ def _seconds_and_rate(timing: dict) -> str:
 
 
 def _against_keras(timing: dict, keras_epoch: dict) -> str:
-    return f"{timing['images_per_second'] / keras_epoch['images_per_second']:.1f}x Keras's img/s"
+    ratio = timing["images_per_second"] / keras_epoch["images_per_second"]
+    # Two decimals near the goals of 1x and 10x: a ratio just under one must not print as the goal itself.
+    return f"{ratio:.{2 if ratio < 10 else 1}f}x Keras's img/s"
 
 
 def _goal(timing: dict, keras_epoch: dict, goal: float) -> str:

@@ -61,12 +61,15 @@ def _folder_section(preparation_seconds: float, first_epoch_seconds: float, trai
 
 def test_the_folder_rows_say_each_goal_met_or_not_against_the_keras_epoch():
     met = "\n".join(report.folder_rows({"folder": _folder_section(5.0, 0.5, 0.97)}))
-    assert "| Our preparation (`trainer.folder_dataset`) | 5.0s (200 img/s), 2.0x Keras's img/s | ≥ 1x: met |" in met
+    assert "| Our preparation (`trainer.folder_dataset`) | 5.0s (200 img/s), 2.00x Keras's img/s | ≥ 1x: met |" in met
     assert "| Our epoch 1 after preparing | 0.5s (1,792 img/s), 17.9x Keras's img/s | ≥ 10x: met |" in met
     assert "| Training `cnn` from the folder | 92 img/s, synthetic 95 (97%) | ≥ 95%: met |" in met
     assert "2026-12-06, `abc1234`, Intel Xeon |" in met and "not met" not in met
     missed = "\n".join(report.folder_rows({"folder": _folder_section(20.0, 1.0, 0.9)}))
     assert missed.count("**not met**") == 3, missed
+    # A ratio just under a goal shows two decimals, not the goal itself rounded.
+    just_under = "\n".join(report.folder_rows({"folder": _folder_section(10.1, 0.5, 0.97)}))
+    assert "10.1s (99 img/s), 0.99x Keras's img/s | ≥ 1x: **not met** |" in just_under
     assert report.folder_rows({}) == []
 
 
