@@ -32,8 +32,14 @@ def _stderr_discarded():
         os.close(saved)
 
 
-with _stderr_discarded():
+from trainer import cli  # noqa: E402
+
+# As the entry points import them (see cli.imports_without_garbage_collection); the workers then run hundreds of
+# tests beside them.
+with _stderr_discarded(), cli.imports_without_garbage_collection():
+    import keras  # noqa: F401
     from trainer.training import distribution
+    from trainer.training import train  # noqa: F401
 
     # Two logical CPU devices, so MirroredStrategy can be compared with the default strategy. This
     # must happen before TensorFlow initialises its devices, hence at import time.

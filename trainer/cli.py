@@ -3,6 +3,8 @@
 It imports no TensorFlow, so the launchers can use it on a machine without it.
 """
 
+import contextlib
+import gc
 import logging as python_logging
 import os
 import signal
@@ -39,6 +41,26 @@ def _stop_on_sigterm(signum, frame) -> None:
     del signum, frame
     os.write(2, STOPPED_BY_SIGTERM.encode())  # Not print: the signal may interrupt a write to sys.stderr.
     sys.exit(PREEMPTED_EXIT_CODE)  # SystemExit: the `finally` blocks on the way out still release the run lock.
+
+
+@contextlib.contextmanager
+def imports_without_garbage_collection():
+    """Runs the imports of TensorFlow and Keras without Python's cyclic collector, then freezes what they made.
+
+    They create about 335,000 objects, none of them garbage, and each full collection during the import walks all
+    of them: `import trainer.training.train` took 4.5 s of CPU this way against 6.2 s (medians of five, on the 2-core
+    machines). Frozen afterwards, they are left out of every later collection too; what the program creates after
+    them is collected as usual. (Python's documentation suggests the same before a fork, which folder preparation
+    does.)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.freeze()
+            gc.enable()
 
 
 def exit_on_sigterm() -> None:

@@ -1,9 +1,11 @@
 """`python -m trainer.predict`: the entry point; the code is in trainer/results/predict.py."""
 
 from trainer import cli
-from trainer.results.predict import FLAGS
-from trainer.results.predict import USAGE
-from trainer.results.predict import main
+
+with cli.imports_without_garbage_collection():
+    from trainer.results.predict import FLAGS
+    from trainer.results.predict import USAGE
+    from trainer.results.predict import main
 
 if __name__ == "__main__":
     cli.start(main, FLAGS, USAGE)
