@@ -53,25 +53,25 @@ STEPS_PER_LOOP = {"cnn": 50, "airbench": 10}
 
 
 def benchmark(flag_values: flags.FlagValues, cifar_data_dir: str, make_steps, loop_runner, timed_rounds) -> dict:
-    """All of the section's figures, measured in this process one after the other on the same folder."""
+    """All of the section's figures, measured in this process on the same folder: the three that the goals compare
+    in alternating rounds, then training."""
     work_dir = pathlib.Path(flag_values.work_dir or pathlib.Path(tempfile.gettempdir()) / "folder_benchmark")
     images = flag_values.folder_images
     root = make_folder(work_dir / f"cifar10_jpeg_{images}", images, cifar_data_dir)
     read_every_file(root)  # Both readers then find the files in the page cache, as a second run would.
-    keras_epoch = median_run([time_keras_epoch(root) for _ in range(REPEATS)])
     prepared_dir = work_dir / "prepared"
-    preparations = []
-    for _ in range(REPEATS):
-        shutil.rmtree(prepared_dir, ignore_errors=True)  # Prepared afresh: a reused copy would take no time at all.
-        began = time.perf_counter()
-        builder = folder_dataset.load(str(root), str(prepared_dir), image_size=IMAGE_SIZE,
-                                      validation_fraction=VALIDATION_FRACTION)
-        preparations.append({"seconds": time.perf_counter() - began, "images": flag_values.folder_images})
-    preparation = median_run(preparations)
-    # Each first epoch from a new pipeline, which reads the shards again; the last one goes on to the later epochs.
-    first_epochs = [time_our_epochs(builder, 1)[0] for _ in range(REPEATS - 1)]
-    epochs = time_our_epochs(builder, EPOCHS)
-    epochs[0] = median_run([*first_epochs, epochs[0]])
+    keras_epochs, preparations, first_epochs = [], [], []
+    for round_index in range(REPEATS):
+        # The three timings the goals compare, in rounds that alternate them: the machine's speed drifts within
+        # minutes, and a drift then moves all three alike instead of one of them.
+        keras_epochs.append(time_keras_epoch(root))
+        builder, preparation = time_preparation(root, prepared_dir, images)
+        preparations.append(preparation)
+        # Each first epoch from a new pipeline, which reads the shards; the last round's goes on to the later epochs.
+        epochs = time_our_epochs(builder, EPOCHS if round_index == REPEATS - 1 else 1)
+        first_epochs.append(epochs[0])
+    keras_epoch, preparation = median_run(keras_epochs), median_run(preparations)
+    epochs[0] = median_run(first_epochs)
     training = [train_from_folder(model, str(root), str(prepared_dir), make_steps, loop_runner, timed_rounds)
                 for model in flag_values.folder_models]
     return {"images": flag_values.folder_images, "source_size": SOURCE_SIZE, "image_size": IMAGE_SIZE,
@@ -124,6 +124,17 @@ def time_keras_epoch(root: pathlib.Path) -> dict:
     seconds = time.perf_counter() - began
     logging.info("folder: one Keras epoch of %d images in %.1fs", images, seconds)
     return {"seconds": seconds, "images": images, "images_per_second": images / seconds}
+
+
+def time_preparation(root: pathlib.Path, prepared_dir: pathlib.Path, images: int):
+    """The folder prepared into an empty directory (a reused copy would take no time at all): (builder, timing)."""
+    shutil.rmtree(prepared_dir, ignore_errors=True)
+    began = time.perf_counter()
+    builder = folder_dataset.load(str(root), str(prepared_dir), image_size=IMAGE_SIZE,
+                                  validation_fraction=VALIDATION_FRACTION)
+    seconds = time.perf_counter() - began
+    logging.info("folder: prepared %d images in %.1fs", images, seconds)
+    return builder, {"seconds": seconds, "images": images}
 
 
 def time_our_epochs(builder, count: int) -> list[dict]:
