@@ -77,7 +77,7 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
         fine_tune = [entry["epoch"] for entry in history if entry.get("phase") == "fine_tune"]
         if fine_tune:
             axes.axvline(fine_tune[0] - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # Epochs are whole: no tick at epoch 1.2.
+        axes.xaxis.set_major_locator(_whole_numbers())
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.set_title(label)
@@ -163,7 +163,7 @@ def plot_runs(path: str, panels: dict[str, dict[str, list[tuple[float, float]]]]
                 xs, ys = zip(*points)
                 axes.plot(xs, ys, "o-" if len(points) <= 30 else "-", markersize=4,
                           color=f"C{runs.index(name) % 10}", label=name)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(_whole_numbers())
         axes.set_xlabel(xlabel)
         axes.set_title(panel)
         axes.grid(alpha=0.3)
@@ -172,6 +172,12 @@ def plot_runs(path: str, panels: dict[str, dict[str, list[tuple[float, float]]]]
     figure.suptitle(title)
     figure.tight_layout()
     _save_png(figure, path)
+
+
+def _whole_numbers() -> MaxNLocator:
+    """Ticks at whole epochs (or steps) only: no tick at epoch 1.2. One tick is enough, or a one-epoch run's axis
+    falls back to ticks at 0.96, 0.98, ..."""
+    return MaxNLocator(integer=True, min_n_ticks=1)
 
 
 def _save_png(figure, path: str) -> None:
