@@ -1,5 +1,6 @@
 """The command line: the documented run end to end, --help and --flagfile, and one clear line per bad input."""
 
+import gc
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 
 import helpers
 from helpers import read_metrics, run_task, single_error_line
+from trainer import cli
 from trainer import task
 
 def online() -> bool:
@@ -246,3 +248,19 @@ def test_sigterm_during_the_last_loop_call_logs_what_the_run_does_and_finishes(c
     assert re.search(r"SIGTERM came too late for a preemption checkpoint: training is complete and checkpointed "
                      r"\(step 4\), so the run goes on to its final evaluation and export", log.read_text())
     assert read_metrics(tmp_path / "run")["epochs_completed"] == 1
+
+
+def test_imports_run_without_the_collector_and_leave_it_as_it_was():
+    assert gc.isenabled()
+    frozen_before = gc.get_freeze_count()
+    with cli.imports_without_garbage_collection():
+        assert not gc.isenabled()
+        made_by_the_import = [[index] for index in range(1000)]  # Tracked containers, as modules' objects are.
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + len(made_by_the_import)
+    gc.disable()
+    try:
+        with cli.imports_without_garbage_collection():
+            pass
+        assert not gc.isenabled()  # A caller that had turned it off keeps it off.
+    finally:
+        gc.enable()
