@@ -12,13 +12,13 @@ import random
 from absl import logging
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder
 
 from trainer.training import image_folder
 from trainer.training import gcs
 from trainer import display_text
+from trainer.training import folder_records
 from trainer.training import folder_workers
 from trainer import image_files
 from trainer.training import progress
@@ -94,17 +94,22 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
         split_infos = []
         for split in self.folder.splits:
             template = self._get_filename_template(split_name=split)
-            shard_lengths, num_bytes = _write_shards(template, self._serialized_examples(split))
+            writer = folder_records.ShardWriter(template, SHARD_BYTES)
+            try:
+                for chunk in self._encoded_chunks(split):
+                    writer.write(chunk)
+            finally:
+                writer.close()
             self._check_every_class_kept(split)
-            split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths, num_bytes=num_bytes,
-                                                   filename_template=template))
+            split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=writer.shard_lengths,
+                                                   num_bytes=writer.num_bytes, filename_template=template))
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         # Written with the dataset's info, and read back with it on later runs.
         self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
                                    "counts": self.counts, "unreadable": sorted(self.unreadable)})
 
-    def _serialized_examples(self, split: str):
-        """The split's readable images as serialized examples, in the files' order; the others in self.unreadable."""
+    def _encoded_chunks(self, split: str):
+        """The split's readable images as encoded examples, in the files' order; the others in self.unreadable."""
         if split != image_folder.TRAIN_SPLIT and self.folder.held_out_quota:
             prepared = self._held_out_prepared(split)
         else:
@@ -113,18 +118,14 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
                 files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
             prepared = _prepared_in_parallel(self.folder, files, self.image_size)
         kept = self.counts[split]
-        unreported = 0  # Images not yet counted on the progress bar: one update per image cost 5% of preparing.
-        for labelled, example in prepared:
-            unreported += 1
-            if unreported == CHUNK:
-                self._progress.update(unreported)
-                unreported = 0
-            if isinstance(example, str):
-                self.unreadable.append((labelled.file.relative, example))
-                continue
-            kept[labelled.label] += 1
-            yield example
-        self._progress.update(unreported)
+        for files, chunk in prepared:
+            self._progress.update(len(files))
+            for labelled, reason in zip(files, chunk.reasons):
+                if reason is None:
+                    kept[labelled.label] += 1
+                else:
+                    self.unreadable.append((labelled.file.relative, reason))
+            yield chunk
 
     def _held_out_prepared(self, split: str):
         """The held-out split chosen by quota: each class's first files in their ranked order, as many as its share,
@@ -136,10 +137,10 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
             untried[labelled.label].append(labelled)
         while wanted := [untried[label].popleft() for label, share in enumerate(quota)
                          for _ in range(min(share - kept[label], len(untried[label])))]:
-            # _serialized_examples counts each image as it takes it, so `kept` is up to date for the next round.
-            for labelled, example in _prepared_in_parallel(self.folder, wanted, self.image_size):
-                self._held_out.add(labelled.file.relative)
-                yield labelled, example
+            # _encoded_chunks counts the images of each chunk it takes, so `kept` is up to date for the next round.
+            for files, chunk in _prepared_in_parallel(self.folder, wanted, self.image_size):
+                self._held_out.update(labelled.file.relative for labelled in files)
+                yield files, chunk
 
     def _check_every_class_kept(self, split: str) -> None:
         for name, count in zip(self.folder.class_names, self.counts[split]):
@@ -156,18 +157,20 @@ def config_name(folder: image_folder.Folder, image_size: int) -> str:
 
 
 def _prepared_in_parallel(folder: image_folder.Folder, files, image_size: int):
-    """(file, its serialized example or the reason it was skipped) in the files' order, prepared by a pool of workers
-    in chunks. A bounded window of chunks keeps memory flat."""
+    """(files, their folder_records.EncodedChunk) in the files' order, prepared by a pool of workers in chunks. A
+    bounded window of chunks keeps memory flat."""
     pool, workers, chunk_size = _decoding_pool(folder)
     window = collections.deque()
     with pool:
         for chunk in _chunks(files, chunk_size):
             labelled_files = [(labelled.file.relative, labelled.label) for labelled in chunk]
-            window.append((chunk, pool.submit(_serialized_chunk, folder.source, labelled_files, image_size)))
+            window.append((chunk, pool.submit(_encoded_chunk, folder.source, labelled_files, image_size)))
             if len(window) >= 2 * workers:
-                yield from _finished(*window.popleft())
+                chunk, future = window.popleft()
+                yield chunk, future.result()
         while window:
-            yield from _finished(*window.popleft())
+            chunk, future = window.popleft()
+            yield chunk, future.result()
 
 
 def _decoding_pool(folder: image_folder.Folder) -> tuple[concurrent.futures.Executor, int, int]:
@@ -177,7 +180,7 @@ def _decoding_pool(folder: image_folder.Folder) -> tuple[concurrent.futures.Exec
     (spawned ones would import the job's main module, TensorFlow and all): Pillow's Python code holds the GIL about
     as long as its decoder runs, so threads kept one core of two busy (benchmarks/run.py --only=folder measures
     preparation). Tasks of CHUNK images keep the pool's own cost small. The workers run only Pillow, numpy and
-    protobuf's message classes, none of TensorFlow's runtime or the locks of this process's other threads. Cloud
+    google_crc32c, none of TensorFlow's runtime or the locks of this process's other threads. Cloud
     Storage reads wait on the network: there a pool of threads overlaps them, an image at a time.
     """
     if gcs.is_gcs(folder.root) or "fork" not in multiprocessing.get_all_start_methods():
@@ -194,51 +197,16 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def _finished(chunk: list, future: concurrent.futures.Future):
-    yield from zip(chunk, future.result())
+def _encoded_chunk(source, labelled_files: list[tuple[str, int]], image_size: int) -> folder_records.EncodedChunk:
+    """The files' examples as TFDS would write them for ImageFolderBuilder's features (tests/test_image_folder.py
+    compares them), framed as TFRecords, and why each file that was skipped was: a worker's task."""
+    return folder_records.encode_chunk((_pixel_bytes(source, relative, image_size), label, relative)
+                                       for relative, label in labelled_files)
 
 
-def _serialized_chunk(source, labelled_files: list[tuple[str, int]], image_size: int) -> list[bytes | str]:
-    """For each (file, label): its example, serialized, or why the file was skipped."""
-    prepared = []
-    for relative, label in labelled_files:
-        image = _loaded_image(source, relative, image_size)
-        prepared.append(image if isinstance(image, str) else serialized_example(image, label, relative))
-    return prepared
-
-
-def serialized_example(image: np.ndarray, label: int, file_name: str) -> bytes:
-    """The tf.train.Example TFDS writes for ImageFolderBuilder's features (tests/test_image_folder.py compares them):
-    the image's raw bytes, its label and its file name."""
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[file_name.encode("utf-8")])),
-    })).SerializeToString()
-
-
-def _write_shards(template, examples) -> tuple[list[int], int]:
-    """Writes serialized examples in their order into shards of about SHARD_BYTES, named as TFDS names them (their
-    count is known only at the end); returns the examples in each shard and the bytes of examples written."""
-    paths, shard_lengths, num_bytes, shard_bytes, writer = [], [], 0, 0, None
-    try:
-        for example in examples:
-            if writer is None or shard_bytes >= SHARD_BYTES:
-                if writer is not None:
-                    writer.close()
-                paths.append(f"{template.filepath_prefix()}.shard-{len(paths):05d}")
-                writer, shard_bytes = tf.io.TFRecordWriter(paths[-1]), 0
-                shard_lengths.append(0)
-            writer.write(example)
-            shard_lengths[-1] += 1
-            shard_bytes += len(example)
-            num_bytes += len(example)
-    finally:
-        if writer is not None:
-            writer.close()
-    for index, path in enumerate(paths):
-        tf.io.gfile.rename(path, os.fspath(template.sharded_filepath(shard_index=index, num_shards=len(paths))))
-    return shard_lengths, num_bytes
+def _pixel_bytes(source, relative: str, image_size: int) -> bytes | str:
+    image = _loaded_image(source, relative, image_size)
+    return image if isinstance(image, str) else image.tobytes()
 
 
 def _loaded_image(source, relative: str, image_size: int) -> np.ndarray | str:

@@ -82,8 +82,10 @@ class LocalSource:
         return children
 
     def open(self, relative: str):
-        """The file for Pillow: its path, which Pillow opens and reads only as far as it needs."""
-        return os.path.join(self.path, relative)
+        """The file's bytes, for Pillow: read whole, they decode faster than from the file, which Pillow reads in
+        many small pieces (a tenth of a small JPEG's preparation)."""
+        with open(os.path.join(self.path, relative), "rb") as file:
+            return io.BytesIO(file.read())
 
 
 def _stat_failure(error: OSError, entry: os.DirEntry) -> str:
