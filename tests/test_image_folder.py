@@ -14,7 +14,10 @@ from image_folders import CLASSES
 from trainer import image_files
 from trainer.training import data
 from trainer.training import folder_dataset
+from trainer.training import folder_records
 from trainer.training import image_folder
+from trainer.training import pixel_shards
+from trainer.errors import Failure
 from trainer.errors import UsageError
 
 
@@ -236,8 +239,8 @@ def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_pa
     # TFDS's order over them, since an example's position names it for exact resume and the feature cache.
     monkeypatch.setattr(folder_dataset, "SHARD_BYTES", 18 * 32 * 32 * 3)
     builder.download_and_prepare()
-    assert data._stores_raw_pixels(builder) and builder.info.splits["train"].num_shards == 3
-    assert not data._stores_raw_pixels(tfds.builder("cifar10", data_dir=cifar_dir))
+    assert pixel_shards.stores_raw_pixels(builder) and builder.info.splits["train"].num_shards == 3
+    assert not pixel_shards.stores_raw_pixels(tfds.builder("cifar10", data_dir=cifar_dir))
     for split in ("train", "train[10%:70%]", "validation"):
         expected = [(example["image"], int(example["label"])) for example in tfds.as_numpy(
             builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)))]
@@ -248,3 +251,41 @@ def test_prepared_shards_read_in_batches_give_tfds_examples_in_tfds_order(tmp_pa
             assert all(np.array_equal(image, expected_image)
                        for (image, *_), (expected_image, _) in zip(examples, expected))
         assert read.element_spec[0].shape == (32, 32, 3) and read.element_spec[1].dtype == "int32"
+
+
+def test_training_batches_read_in_place_are_the_ones_the_cache_gives(tmp_path, pictures, monkeypatch):
+    """A prepared copy on this machine's disk trains from memory maps of its shards; one without the indices beside
+    its shards (prepared before them) is read through tf.data's cache. Every pipeline gets the same batches from
+    both, from any step, for a split and a slice of it; a shard shorter than its index is refused in one line."""
+    root = tmp_path / "many"
+    image_folders.make_class_folder(root, {name: pictures[name] * 2 for name in CLASSES})  # 54 training images.
+    monkeypatch.setattr(folder_dataset, "SHARD_BYTES", 18 * 32 * 32 * 3)  # Three shards: batches span two.
+    builder = folder_dataset.load(str(root), str(tmp_path / "tfds"), image_size=32, validation_fraction=0.1)
+    pipeline = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
+
+    def batches(split: str) -> list[tuple[np.ndarray, ...]]:
+        info = data.dataset_info(builder, split, "validation")
+        inputs = data.Inputs(builder, info, train_split=split, eval_split="validation", global_batch_size=8,
+                             steps_per_epoch=info.num_train_examples // 8, seed=3)
+        return [tuple(part.numpy() for part in batch) for batch in inputs.training(pipeline, 0, 2, start_step=1)]
+
+    indices = sorted(pathlib.Path(builder.data_dir).glob("*train*" + folder_records.INDEX_SUFFIX))
+    assert len(indices) == 3
+    for split in ("train", "train[10%:70%]"):
+        assert pixel_shards.in_place(builder, split) is not None
+        in_place = batches(split)
+        for index in indices:
+            index.rename(index.with_suffix(".aside"))
+        assert pixel_shards.in_place(builder, split) is None
+        cached = batches(split)
+        for index in indices:
+            index.with_suffix(".aside").rename(index)
+        assert len(in_place) == len(cached) == 2 * (data.dataset_info(builder, split, "validation").num_train_examples
+                                                    // 8) - 1
+        for ours, theirs in zip(in_place, cached):
+            assert ours[0].shape == (4, 32, 32, 3) and ours[0].dtype == np.uint8 and ours[1].dtype == np.int32
+            assert all(np.array_equal(mine, other) for mine, other in zip(ours, theirs))
+    shard = pathlib.Path(str(indices[1]).removesuffix(folder_records.INDEX_SUFFIX))
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(Failure, match="shorter than its index says"):
+        pixel_shards.in_place(builder, "train")

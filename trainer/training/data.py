@@ -12,17 +12,13 @@ import tensorflow_datasets as tfds
 
 from trainer.training import folder_dataset
 from trainer.training import image_folder
+from trainer.training import pixel_shards
 from trainer.errors import UsageError
 from trainer.errors import one_line
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Labels of the examples that pad the evaluation set to whole global batches; they carry no weight.
 PADDING_LABEL = -1
-# Reading raw-pixel shards (see _raw_pixel_batches): records parsed per call, and each file's read buffer.
-PARSE_BATCH = 256
-READ_BUFFER_BYTES = 8 << 20
-# The number of shards tfds.core.reader interleaves when it may shuffle the examples' order (its default).
-TFDS_INTERLEAVE_CYCLE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +173,9 @@ def decoded_examples(builder: tfds.core.DatasetBuilder, split: str, with_index: 
 
 
 def _decoded(builder: tfds.core.DatasetBuilder, split: str, with_index: bool = False) -> tf.data.Dataset:
-    if _stores_raw_pixels(builder):
+    if pixel_shards.stores_raw_pixels(builder):
         # Unbatched before the cache: later epochs then read single examples from memory, as for other datasets.
-        return _raw_pixel_batches(builder, split, with_index).unbatch()
+        return pixel_shards.parsed_batches(builder, split, with_index).unbatch()
     examples = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={name: tfds.decode.SkipDecoding() for name in builder.info.features if name not in ("image", "label")},
@@ -212,74 +208,6 @@ def _image(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def _stores_raw_pixels(builder: tfds.core.DatasetBuilder) -> bool:
-    """Whether the images are stored as raw uint8 bytes in TFRecord shards, as a prepared folder's are."""
-    image = builder.info.features["image"]
-    return (isinstance(image, tfds.features.Tensor) and image.dtype == tf.uint8 and image.shape.count(None) == 0
-            and image.get_serialized_info().dtype == tf.string
-            and builder.info.file_format == tfds.core.file_adapters.FileFormat.TFRECORD)
-
-
-def _raw_pixel_batches(builder: tfds.core.DatasetBuilder, split: str, with_index: bool) -> tf.data.Dataset:
-    """Batches of (image, label), and the examples' indices `with_index`, read from the shards in as_dataset's
-    order, parsed a batch of records at a time.
-
-    TFDS parses one record at a time, and for small images its per-example cost made a run's first epoch slower
-    than reading the bytes (benchmarks/run.py --only=folder). The order must stay as_dataset's, which names each
-    example's index for exact resume and the feature cache (see _records_in_order; tests/test_image_folder.py
-    compares the two).
-    """
-    records = _records_in_order(builder, builder.info.splits[split].file_instructions)
-    shape = builder.info.features["image"].shape
-    features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
-
-    @tf.autograph.experimental.do_not_convert  # As the functions above.
-    def parsed(batch_index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        example = tf.io.parse_example(serialized, features)
-        images = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (-1, *shape))
-        labels = tf.cast(example["label"], tf.int32)
-        if not with_index:
-            return images, labels
-        return images, labels, batch_index * PARSE_BATCH + tf.range(tf.shape(labels, tf.int64)[0], dtype=tf.int64)
-
-    return records.batch(PARSE_BATCH).enumerate().map(parsed, num_parallel_calls=AUTOTUNE, deterministic=True)
-
-
-def _records_in_order(builder: tfds.core.DatasetBuilder, instructions) -> tf.data.Dataset:
-    """The serialized examples the file instructions name, in as_dataset's order for shuffle_files=False: the
-    files one after the other when TFDS keeps the examples in the order they were generated (as a prepared folder
-    does), else its default interleaving of the files."""
-    paths = [os.fspath(instruction.filename) for instruction in instructions]
-    if builder.info.disable_shuffling and _one_run(instructions):
-        # One reader over the files, and no per-file stages that every record would pass through: they cost more
-        # than reading the bytes.
-        records = tf.data.TFRecordDataset(paths, buffer_size=READ_BUFFER_BYTES)
-        skipped, taken = instructions[0].skip, sum(instruction.take for instruction in instructions)
-        records = records.skip(skipped) if skipped else records
-        whole = sum(instruction.examples_in_shard for instruction in instructions) - skipped
-        return records.take(taken) if taken < whole else records
-    files = tf.data.Dataset.from_tensor_slices((paths,
-                                                np.array([instruction.skip for instruction in instructions], np.int64),
-                                                np.array([instruction.take for instruction in instructions], np.int64)))
-    return files.interleave(
-        _records_of_one_file,
-        cycle_length=1 if builder.info.disable_shuffling else TFDS_INTERLEAVE_CYCLE,
-        block_length=tfds.ReadConfig().interleave_block_length, num_parallel_calls=AUTOTUNE, deterministic=True)
-
-
-@tf.autograph.experimental.do_not_convert
-def _records_of_one_file(path: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
-    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).skip(skip).take(take)
-
-
-def _one_run(instructions) -> bool:
-    """Whether the instructions read one unbroken run of records across their files, as a split or a slice of
-    one does: only the first may skip records, and only the last may stop before its file's end."""
-    return (all(instruction.skip == 0 for instruction in instructions[1:])
-            and all(instruction.skip + instruction.take == instruction.examples_in_shard
-                    for instruction in instructions[:-1]))
-
-
 def sample_images(builder: tfds.core.DatasetBuilder, split: str, count: int) -> np.ndarray:
     """The first `count` images of a split (in its fixed order), as one uint8 array."""
     # Not through the cache: a cache read in part is discarded, with a warning in the job's log.
@@ -297,13 +225,17 @@ def _options() -> tf.data.Options:
 
 def training_batches(examples: tf.data.Dataset, *, num_examples: int, input_context: tf.distribute.InputContext,
                      global_batch_size: int, steps_per_epoch: int, start_epoch: int, end_epoch: int,
-                     start_step: int, seed: int) -> tf.data.Dataset:
+                     start_step: int, seed: int, images_of=None) -> tf.data.Dataset:
     """Per-replica training batches of one input pipeline, from (start_epoch, start_step) to end_epoch.
 
     Every pipeline shuffles the whole split with the same per-epoch seed and keeps every N-th
     example, so the pipelines read disjoint parts of each epoch, and the examples that form a global
     batch do not depend on the number of workers or replicas. A restarted job regenerates the same
     order and skips the steps it already trained.
+
+    With `images_of` (pixel_shards.PixelShards.batches_of), `examples` holds the examples' positions only, and each
+    batch of them becomes the batch of (image, label, position) that shuffling the examples themselves would give:
+    a shuffle's order depends on its seed and buffer, not on what it shuffles.
     """
     per_replica = input_context.get_per_replica_batch_size(global_batch_size)
     replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
@@ -319,6 +251,8 @@ def training_batches(examples: tf.data.Dataset, *, num_examples: int, input_cont
     batches = one_epoch(start_epoch).skip(start_step * replicas_per_pipeline)
     for epoch in range(start_epoch + 1, end_epoch):
         batches = batches.concatenate(one_epoch(epoch))
+    if images_of is not None:
+        batches = images_of(batches)
     return batches.prefetch(AUTOTUNE).with_options(_options())
 
 
@@ -357,10 +291,15 @@ class Inputs:
 
     def training(self, input_context: tf.distribute.InputContext, start_epoch: int, end_epoch: int,
                  start_step: int) -> tf.data.Dataset:
+        # A prepared folder's images on this machine's disk are read in place, the same batches from less memory.
+        in_place = pixel_shards.in_place(self.builder, self.train_split)
+        examples = (tf.data.Dataset.range(self.num_train_examples) if in_place
+                    else self.indexed_training_examples())
         return training_batches(
-            self.indexed_training_examples(), num_examples=self.info.num_train_examples, input_context=input_context,
+            examples, num_examples=self.num_train_examples, input_context=input_context,
             global_batch_size=self.global_batch_size, steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch,
-            end_epoch=end_epoch, start_step=start_step, seed=self.seed)
+            end_epoch=end_epoch, start_step=start_step, seed=self.seed,
+            images_of=in_place.batches_of if in_place else None)
 
     def evaluation(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         return evaluation_batches(
