@@ -98,8 +98,10 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
             try:
                 for chunk in self._encoded_chunks(split):
                     writer.write(chunk)
-            finally:
-                writer.close()
+            except BaseException:
+                writer.close()  # TFDS removes its incomplete directory, with the shard.
+                raise
+            writer.finish()
             self._check_every_class_kept(split)
             split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=writer.shard_lengths,
                                                    num_bytes=writer.num_bytes, filename_template=template))

@@ -134,10 +134,14 @@ class ShardWriter:
         self._position = self._bytes_in_shard = 0
 
     def close(self) -> None:
-        """Closes the last shard, gives every shard its TFDS name and writes the indices."""
+        """Closes the shard being written; what is written stays under its temporary name (see finish)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def finish(self) -> None:
+        """Closes the last shard, gives every shard its TFDS name and writes the indices."""
+        self.close()
         for number, (path, index) in enumerate(zip(self._paths, self._indices)):
             final = os.fspath(self._template.sharded_filepath(shard_index=number, num_shards=len(self._paths)))
             self._gfile.rename(path, final, overwrite=True)
