@@ -41,6 +41,10 @@ training/, in the order a run meets it, from `python -m trainer.task` to the exp
                                  skipped files
   training/folder_workers.py     several workers on one folder: the chief prepares it, the others wait for its
                                  word
+  training/folder_records.py     a folder's examples encoded by the decoding workers, framed as TFRecords, written
+                                 into shards with an index of each image's pixels
+  training/pixel_shards.py       raw-pixel shards read back: parsed in batches through tf.data, or in place
+                                 through memory maps for training batches
   training/model_specs.py        one ModelSpec per network (TensorFlow-free): defaults, options, builder, hooks
   training/models.py             builds a spec's network (cnn, resnet50 here), its training hooks, test-time
                                  augmentation
