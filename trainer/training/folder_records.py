@@ -1,10 +1,13 @@
 """A prepared folder's records: examples encoded in tf.train.Example's wire format by the decoding workers, framed as
 TFRecords, and written into TFDS's shards with an index of where each image's pixels lie (read by pixel_shards)."""
 
+import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import struct
+import tempfile
 
 import google_crc32c
 import numpy as np
@@ -69,6 +72,14 @@ class EncodedChunk:
     labels: list[int] = dataclasses.field(default_factory=list)
     pixel_offsets: list[int] = dataclasses.field(default_factory=list)
     reasons: list[str | None] = dataclasses.field(default_factory=list)
+    spool: str | None = None  # The file that holds `records` instead, when a worker process wrote them there.
+
+    def spooled(self, directory: str) -> "EncodedChunk":
+        """This chunk with its records in a new file in `directory` (removed by ShardWriter.write)."""
+        descriptor, path = tempfile.mkstemp(dir=directory)
+        with open(descriptor, "wb") as file:
+            file.write(self.records)
+        return dataclasses.replace(self, records=b"", spool=path)
 
 
 def encode_chunk(examples) -> EncodedChunk:
@@ -91,6 +102,18 @@ def encode_chunk(examples) -> EncodedChunk:
     return chunk
 
 
+@contextlib.contextmanager
+def spool_directory(template):
+    """A directory for the workers' records on this machine's disk: beside the shards when they are local (the same
+    file system, so copying from it stays in the kernel), else a temporary one; removed at the end."""
+    shards_directory = os.path.dirname(os.fspath(template.filepath_prefix()))
+    directory = tempfile.mkdtemp(prefix="spool-", dir=None if "://" in shards_directory else shards_directory)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class ShardWriter:
     """Writes encoded chunks, in order, into shards of about `shard_bytes` of examples, named as TFDS names them
     (their count is known only at the end), each with its index beside it."""
@@ -104,10 +127,10 @@ class ShardWriter:
         self._paths, self._indices, self._file, self._position, self._bytes_in_shard = [], [], None, 0, 0
 
     def write(self, chunk: EncodedChunk) -> None:
-        view, run_start, position = memoryview(chunk.records), 0, 0
+        run_start = position = 0
         for length, label, pixel_offset in zip(chunk.lengths, chunk.labels, chunk.pixel_offsets):
             if self._file is None or self._bytes_in_shard >= self._shard_bytes:
-                self._flush(view[run_start:position])
+                self._copy(chunk, run_start, position)
                 run_start = position
                 self._next_shard()
             self._indices[-1].append((self._position + pixel_offset - run_start, label))
@@ -115,12 +138,26 @@ class ShardWriter:
             self._bytes_in_shard += length
             self.num_bytes += length
             position += 16 + length
-        self._flush(view[run_start:position])
+        self._copy(chunk, run_start, position)
+        if chunk.spool:
+            os.remove(chunk.spool)
 
-    def _flush(self, records: memoryview) -> None:
-        if len(records):
-            self._file.write(records if isinstance(self._file, io.BufferedWriter) else records.tobytes())
-            self._position += len(records)
+    def _copy(self, chunk: EncodedChunk, start: int, end: int) -> None:
+        """Appends the chunk's records [start, end) to the shard being written."""
+        if end == start:
+            return
+        local = isinstance(self._file, io.BufferedWriter)  # Else a tf.io.gfile file, which takes only bytes.
+        if chunk.spool is None:
+            records = memoryview(chunk.records)[start:end]
+            self._file.write(records if local else records.tobytes())
+        else:
+            with open(chunk.spool, "rb", buffering=0) as spool:
+                if local:
+                    self._file.flush()
+                    _send(spool.fileno(), self._file.fileno(), start, end - start)
+                else:
+                    self._file.write(os.pread(spool.fileno(), end - start, start))
+        self._position += end - start
 
     def _next_shard(self) -> None:
         if self._file is not None:
@@ -147,3 +184,12 @@ class ShardWriter:
             self._gfile.rename(path, final, overwrite=True)
             with self._gfile.GFile(final + INDEX_SUFFIX, "wb") as file:
                 np.save(file, np.array(index, INDEX_DTYPE))
+
+
+def _send(source: int, destination: int, offset: int, count: int) -> None:
+    """Copies `count` bytes of `source` from `offset` to the end of `destination`, in the kernel."""
+    while count:
+        sent = os.sendfile(destination, source, offset, count)
+        if not sent:
+            raise OSError(f"a spooled chunk of records ended {count} bytes early")
+        offset, count = offset + sent, count - sent
