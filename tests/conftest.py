@@ -34,9 +34,9 @@ def _stderr_discarded():
 
 from trainer import cli  # noqa: E402
 
-# As the entry points import them (see cli.imports_without_garbage_collection); the workers then run hundreds of
+# As the entry points import them (see cli.without_garbage_collection); the workers then run hundreds of
 # tests beside them.
-with _stderr_discarded(), cli.imports_without_garbage_collection():
+with _stderr_discarded(), cli.without_garbage_collection():
     import keras  # noqa: F401
     from trainer.training import distribution
     from trainer.training import train  # noqa: F401

@@ -153,7 +153,7 @@ def test_the_tools_entry_points_hold_no_library_code():
         if name == "task":
             continue
         tree = ast.parse((ROOT / "trainer" / f"{name}.py").read_text())
-        # A `with` block may hold imports only (cli.imports_without_garbage_collection around them).
+        # A `with` block may hold imports only (cli.without_garbage_collection around them).
         body = [inner for node in tree.body for inner in (node.body if isinstance(node, ast.With) else [node])]
         kinds = {type(node).__name__ for node in body} - {"Import", "ImportFrom", "Expr", "If"}
         assert not kinds, f"trainer/{name}.py defines {kinds}: move it to its subpackage"

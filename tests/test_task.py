@@ -250,16 +250,16 @@ def test_sigterm_during_the_last_loop_call_logs_what_the_run_does_and_finishes(c
     assert read_metrics(tmp_path / "run")["epochs_completed"] == 1
 
 
-def test_imports_run_without_the_collector_and_leave_it_as_it_was():
+def test_blocks_run_without_the_collector_and_leave_it_as_it_was():
     assert gc.isenabled()
     frozen_before = gc.get_freeze_count()
-    with cli.imports_without_garbage_collection():
+    with cli.without_garbage_collection():
         assert not gc.isenabled()
         made_by_the_import = [[index] for index in range(1000)]  # Tracked containers, as modules' objects are.
     assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + len(made_by_the_import)
     gc.disable()
     try:
-        with cli.imports_without_garbage_collection():
+        with cli.without_garbage_collection():
             pass
         assert not gc.isenabled()  # A caller that had turned it off keeps it off.
     finally:

@@ -8,7 +8,7 @@ Entry points and what they share:
 
   task.py                        the entry point: flags -> Config -> train.run
   cli.py                         every entry point's plumbing: exit statuses, flag parsing, --help, one-line
-                                 errors, TensorFlow imported without the garbage collector
+                                 errors, imports (and folder listings) without the garbage collector
   config.py                      every option, declared once: its flag, its check, its README row; build_config
   recipes.py                     named groups of option values (--recipe)
   image_files.py                 image files read as the models see them (predict, the server, folder datasets)

@@ -44,14 +44,15 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def imports_without_garbage_collection():
-    """Runs the imports of TensorFlow and Keras without Python's cyclic collector, then freezes what they made.
+def without_garbage_collection():
+    """Runs the block without Python's cyclic collector, then freezes what it made: for work that makes many
+    long-lived objects and no garbage cycles, such as the imports of TensorFlow and Keras or listing a folder.
 
-    They create about 335,000 objects, none of them garbage, and each full collection during the import walks all
-    of them: `import trainer.training.train` took 4.5 s of CPU this way against 6.2 s (medians of five, on the 2-core
-    machines). Frozen afterwards, they are left out of every later collection too; what the program creates after
-    them is collected as usual. (Python's documentation suggests the same before a fork, which folder preparation
-    does.)
+    The imports create about 335,000 objects, none of them garbage, and each full collection during the import walks
+    all of them: `import trainer.training.train` took 4.5 s of CPU this way against 6.2 s (medians of five, on the
+    2-core machines). Frozen afterwards, they are left out of every later collection too; what the program creates
+    after them is collected as usual. (Python's documentation suggests the same before a fork, which folder
+    preparation does.)
     """
     was_enabled = gc.isenabled()
     gc.disable()

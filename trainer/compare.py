@@ -2,7 +2,7 @@
 
 from trainer import cli
 
-with cli.imports_without_garbage_collection():
+with cli.without_garbage_collection():
     from trainer.results.compare import FLAGS
     from trainer.results.compare import USAGE
     from trainer.results.compare import main

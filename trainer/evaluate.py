@@ -2,7 +2,7 @@
 
 from trainer import cli
 
-with cli.imports_without_garbage_collection():
+with cli.without_garbage_collection():
     from trainer.results.evaluate import FLAGS
     from trainer.results.evaluate import USAGE
     from trainer.results.evaluate import main

@@ -2,7 +2,7 @@
 
 from trainer import cli
 
-with cli.imports_without_garbage_collection():
+with cli.without_garbage_collection():
     from trainer.results.predict import FLAGS
     from trainer.results.predict import USAGE
     from trainer.results.predict import main

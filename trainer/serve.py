@@ -2,7 +2,7 @@
 
 from trainer import cli
 
-with cli.imports_without_garbage_collection():
+with cli.without_garbage_collection():
     from trainer.serving.serve import FLAGS
     from trainer.serving.serve import USAGE
     from trainer.serving.serve import main

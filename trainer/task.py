@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     config = config_lib.config_from_flags(FLAGS)  # A bad value is refused at once, before TensorFlow loads.
     # Imported here, after cli.exit_on_sigterm: TensorFlow takes seconds to import, and a SIGTERM meanwhile must
     # end the process with its documented status, not kill it.
-    with cli.imports_without_garbage_collection():
+    with cli.without_garbage_collection():
         from trainer.training import train
 
     train.run(config)
