@@ -49,7 +49,8 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
 
     It reads like any TFDS dataset, but writes its shards itself: TFDS's GeneratorBasedBuilder encodes and
     serializes every example in this one process (2.4 s of its CPU for 20,000 images, half the workers' decoding);
-    here the workers hand back examples already serialized as TFDS would have, and this process only writes them.
+    here the workers encode the examples as TFDS would have and frame them as TFRecords, and this process only
+    copies them into the shards and writes an index beside each (see folder_records).
     """
 
     name = "image_folder"
