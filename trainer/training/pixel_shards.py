@@ -122,8 +122,8 @@ class PixelShards:
                 # MAP_POPULATE maps every page at once instead of taking a fault per page on first reading.
                 mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
             maps.append(np.frombuffer(mapped, np.uint8))
-            if len(index) and index["offset"].max() + size > len(maps[-1]):
-                raise Failure(f"{path} is shorter than its index says: the prepared copy is damaged; delete the "
+            if len(index) < skip + take or (len(index) and index["offset"].max() + size > len(maps[-1])):
+                raise Failure(f"{path} does not match its index: the prepared copy is damaged; delete the "
                               "directory to prepare the folder again.")
             indices.append(index[skip:skip + take])
         return cls(maps, indices, shape)
