@@ -138,8 +138,8 @@ def time_preparation(root: pathlib.Path, prepared_dir: pathlib.Path, images: int
 
 
 def time_our_epochs(builder, count: int) -> list[dict]:
-    """Training batches as a run reads them (shuffled, batched, cached uint8), for `count` epochs of a new
-    pipeline."""
+    """Training batches as a run reads them (shuffled, batched uint8, read in place from the shards), for `count`
+    epochs of a new pipeline."""
     info = data.dataset_info(builder, "train", "validation")
     steps_per_epoch = info.num_train_examples // BATCH_SIZE
     inputs = data.Inputs(builder, info, train_split="train", eval_split="validation", global_batch_size=BATCH_SIZE,

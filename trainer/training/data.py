@@ -293,13 +293,14 @@ class Inputs:
                  start_step: int) -> tf.data.Dataset:
         # A prepared folder's images on this machine's disk are read in place, the same batches from less memory.
         in_place = pixel_shards.in_place(self.builder, self.train_split)
-        examples = (tf.data.Dataset.range(self.num_train_examples) if in_place is not None
-                    else self.indexed_training_examples())
+        if in_place is None:
+            examples, images_of = self.indexed_training_examples(), None
+        else:
+            examples, images_of = tf.data.Dataset.range(self.num_train_examples), in_place.batches_of
         return training_batches(
             examples, num_examples=self.num_train_examples, input_context=input_context,
             global_batch_size=self.global_batch_size, steps_per_epoch=self.steps_per_epoch, start_epoch=start_epoch,
-            end_epoch=end_epoch, start_step=start_step, seed=self.seed,
-            images_of=in_place.batches_of if in_place is not None else None)
+            end_epoch=end_epoch, start_step=start_step, seed=self.seed, images_of=images_of)
 
     def evaluation(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         return evaluation_batches(

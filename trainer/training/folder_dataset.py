@@ -98,8 +98,8 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
             template = self._get_filename_template(split_name=split)
             writer = folder_records.ShardWriter(template, SHARD_BYTES)
             try:
-                with folder_records.spool_directory(template) as self._spool:
-                    for chunk in self._encoded_chunks(split):
+                with folder_records.spool_directory(template) as spool:
+                    for chunk in self._encoded_chunks(split, spool):
                         writer.write(chunk)
             except BaseException:
                 writer.close()  # TFDS removes its incomplete directory, with the shard.
@@ -113,15 +113,15 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
         self.info.metadata.update({"folder": self.folder.root, "image_size": self.image_size,
                                    "counts": self.counts, "unreadable": sorted(self.unreadable)})
 
-    def _encoded_chunks(self, split: str):
+    def _encoded_chunks(self, split: str, spool: str):
         """The split's readable images as encoded examples, in the files' order; the others in self.unreadable."""
         if split != image_folder.TRAIN_SPLIT and self.folder.held_out_quota:
-            prepared = self._held_out_prepared(split)
+            prepared = self._held_out_prepared(split, spool)
         else:
             files = self.folder.splits[split]
             if self.folder.held_out_quota:
                 files = [labelled for labelled in files if labelled.file.relative not in self._held_out]
-            prepared = _prepared_in_parallel(self.folder, files, self.image_size, self._spool)
+            prepared = _prepared_in_parallel(self.folder, files, self.image_size, spool)
         kept = self.counts[split]
         for files, chunk in prepared:
             self._progress.update(len(files))
@@ -132,7 +132,7 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
                     self.unreadable.append((labelled.file.relative, reason))
             yield chunk
 
-    def _held_out_prepared(self, split: str):
+    def _held_out_prepared(self, split: str, spool: str):
         """The held-out split chosen by quota: each class's first files in their ranked order, as many as its share,
         then the next ones only in place of files that could not be read. Every file it took, readable or not, is
         in self._held_out; training takes the rest."""
@@ -143,7 +143,7 @@ class ImageFolderBuilder(dataset_builder.FileReaderBuilder, skip_registration=Tr
         while wanted := [untried[label].popleft() for label, share in enumerate(quota)
                          for _ in range(min(share - kept[label], len(untried[label])))]:
             # _encoded_chunks counts the images of each chunk it takes, so `kept` is up to date for the next round.
-            for files, chunk in _prepared_in_parallel(self.folder, wanted, self.image_size, self._spool):
+            for files, chunk in _prepared_in_parallel(self.folder, wanted, self.image_size, spool):
                 self._held_out.update(labelled.file.relative for labelled in files)
                 yield files, chunk
 

@@ -3,7 +3,6 @@ TFRecords, and written into TFDS's shards with an index of where each image's pi
 
 import contextlib
 import dataclasses
-import io
 import os
 import shutil
 import struct
@@ -11,6 +10,7 @@ import tempfile
 
 import google_crc32c
 import numpy as np
+import tensorflow as tf
 
 _LENGTH = struct.Struct("<Q")
 # TFRecord's framing stores CRC32C checksums "masked", so that a checksum of data holding checksums stays strong.
@@ -119,9 +119,9 @@ class ShardWriter:
     (their count is known only at the end), each with its index beside it."""
 
     def __init__(self, template, shard_bytes: int):
-        import tensorflow as tf
-
-        self._gfile, self._template, self._shard_bytes = tf.io.gfile, template, shard_bytes
+        self._template, self._shard_bytes = template, shard_bytes
+        # A local file takes a memoryview as it is; tf.io.gfile (gs://) wants bytes, a copy.
+        self._local = "://" not in os.fspath(template.filepath_prefix())
         self.shard_lengths: list[int] = []
         self.num_bytes = 0
         self._paths, self._indices, self._file, self._position, self._bytes_in_shard = [], [], None, 0, 0
@@ -146,13 +146,12 @@ class ShardWriter:
         """Appends the chunk's records [start, end) to the shard being written."""
         if end == start:
             return
-        local = isinstance(self._file, io.BufferedWriter)  # Else a tf.io.gfile file, which takes only bytes.
         if chunk.spool is None:
             records = memoryview(chunk.records)[start:end]
-            self._file.write(records if local else records.tobytes())
+            self._file.write(records if self._local else records.tobytes())
         else:
             with open(chunk.spool, "rb", buffering=0) as spool:
-                if local:
+                if self._local:
                     self._file.flush()
                     _send(spool.fileno(), self._file.fileno(), start, end - start)
                 else:
@@ -163,9 +162,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
         self._paths.append(f"{self._template.filepath_prefix()}.shard-{len(self._paths):05d}")
-        # A local file takes the memoryview as it is; tf.io.gfile (for gs://) wants bytes, a copy.
-        self._file = (self._gfile.GFile(self._paths[-1], "wb") if "://" in self._paths[-1]
-                      else open(self._paths[-1], "wb"))
+        self._file = open(self._paths[-1], "wb") if self._local else tf.io.gfile.GFile(self._paths[-1], "wb")
         self._indices.append([])
         self.shard_lengths.append(0)
         self._position = self._bytes_in_shard = 0
@@ -181,8 +178,8 @@ class ShardWriter:
         self.close()
         for number, (path, index) in enumerate(zip(self._paths, self._indices)):
             final = os.fspath(self._template.sharded_filepath(shard_index=number, num_shards=len(self._paths)))
-            self._gfile.rename(path, final, overwrite=True)
-            with self._gfile.GFile(final + INDEX_SUFFIX, "wb") as file:
+            tf.io.gfile.rename(path, final, overwrite=True)
+            with tf.io.gfile.GFile(final + INDEX_SUFFIX, "wb") as file:
                 np.save(file, np.array(index, INDEX_DTYPE))
 
 

@@ -40,7 +40,7 @@ def parsed_batches(builder: tfds.core.DatasetBuilder, split: str, with_index: bo
     shape = builder.info.features["image"].shape
     features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
-    @tf.autograph.experimental.do_not_convert  # As the functions above.
+    @tf.autograph.experimental.do_not_convert  # No Python control flow over tensors (see data._label).
     def parsed(batch_index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_example(serialized, features)
         images = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (-1, *shape))
